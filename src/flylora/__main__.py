@@ -1,0 +1,5 @@
+import sys
+
+from flylora.cli import main
+
+sys.exit(main())

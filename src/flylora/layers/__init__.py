@@ -1,0 +1,1 @@
+"""Pure-PyTorch adapter layers. Nothing here imports PEFT, data or training code."""

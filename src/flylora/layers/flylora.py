@@ -1,0 +1,148 @@
+"""FlyLoRA (Zou et al., NeurIPS 2025, arXiv 2510.08396), the layer as pure PyTorch.
+
+    y    = A x                                    A ∈ R^{r×n}: frozen, sparse, random
+    I(x) = top-k_i (y_i + d_i)                    d ∈ R^r: load-balancing bias, selects only
+    f(x) = W0 x + (α/r) · B (mask_I ⊙ y)          B ∈ R^{m×r}: zero-initialised, the only trainable tensor
+
+A has exactly p = round(sparsity·n) nonzeros in every row, at random columns, with values
+N(0, 1/r²) (std 1/r). sparsity defaults to k/r (paper §4.1). A is generated on a CPU
+``torch.Generator`` from a seed, so an adapter file never has to store it.
+
+Gradients flow to x through A x (the official layer computes A x under ``no_grad``, which cuts
+every adapter path out of the gradient to earlier layers; we do not).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from .routing import (
+    count_on_backward,
+    expert_counts,
+    loss_free_bias_update,
+    select_topk,
+    selection_mask,
+)
+
+
+def check_hyperparameters(r: int, k: int, sparsity: float | None, in_features: int | None = None) -> int | None:
+    """Validate (r, k, sparsity) and return p = round(sparsity·n) when n is given."""
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r={r!r} is not allowed: r must be a positive integer")
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k={k!r} is not allowed: k must be a positive integer (1 <= k <= r={r})")
+    if k > r:
+        raise ValueError(f"k={k} is not allowed: k must satisfy 1 <= k <= r={r}")
+    rho = k / r if sparsity is None else sparsity
+    if not (isinstance(rho, (int, float)) and 0.0 < rho <= 1.0):
+        raise ValueError(f"sparsity={sparsity!r} is not allowed: it must lie in (0, 1]")
+    if in_features is None:
+        return None
+    p = round(rho * in_features)
+    if p < 1:
+        raise ValueError(
+            f"sparsity={rho} gives p = round({rho}·{in_features}) = 0 nonzeros per row of A; "
+            f"use sparsity >= {0.5 / in_features:.3g} for in_features={in_features}"
+        )
+    return p
+
+
+def layer_seed(projection_seed: int, layer_key: str) -> int:
+    """A stable 63-bit seed per (adapter seed, layer name). Python's hash() is salted per process,
+    so it would make A irreproducible; sha256 is the same everywhere."""
+    digest = hashlib.sha256(f"flylora-A/{int(projection_seed)}/{layer_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sparse_projection(r: int, n: int, p: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse form of A: column indices (r, p) int32 and values (r, p) fp32.
+
+    Each row gets p distinct columns (a random permutation's first p entries, drawn per row as in
+    the official `torch.randperm(n)[:p]`) and N(0, 1/r²) values; generated on CPU so the result
+    does not depend on the accelerator.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cols = torch.stack([torch.randperm(n, generator=g)[:p] for _ in range(r)])  # (r, p)
+    cols = cols.sort(dim=1).values.to(torch.int32)
+    vals = torch.randn(r, p, generator=g) / r  # (r, p), std 1/r
+    return cols, vals
+
+
+def densify(cols: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tensor:
+    """Dense A (r, n) from its sparse form."""
+    a = torch.zeros(cols.shape[0], n, dtype=vals.dtype, device=vals.device)
+    return a.scatter_(1, cols.long(), vals)
+
+
+def flylora_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    bias: torch.Tensor,
+    k: int,
+    scale: float,
+    topk_on: str = "signed",
+    dropout: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α/r) · B (mask ⊙ A x) and the 0/1 expert mask.
+
+    x: (..., n), A: (r, n), B: (m, r), bias: (r,) -> delta (..., m), mask (..., r)
+    """
+    h = dropout(x) if dropout is not None else x
+    y = h.to(A.dtype) @ A.t()  # (..., r)
+    r = A.shape[0]
+    if k == r:  # every expert active: no selection needed (LoRA-FA)
+        mask = torch.ones_like(y)
+        routed = y
+    else:
+        mask = selection_mask(y, select_topk(y, bias, k, topk_on))  # (..., r)
+        routed = y * mask
+    delta = (routed.to(B.dtype) @ B.t()) * scale  # (..., m)
+    return delta, mask
+
+
+class FlyLoraLinear(nn.Module):
+    """A FlyLoRA-adapted nn.Linear for use without PEFT.
+
+    ``update_bias()`` applies the load-balancing rule to the counts gathered since the last call;
+    call it once per optimizer step. (The PEFT method in ``flylora.tuners`` is the same
+    computation with PEFT's multi-adapter semantics.)
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int = 32,
+        k: int = 8,
+        alpha: float = 64.0,
+        sparsity: float | None = None,
+        topk_on: str = "signed",
+        bias_update_rate: float = 1e-3,
+        seed: int = 0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        p = check_hyperparameters(r, k, sparsity, base.in_features)
+        self.base, self.r, self.k, self.scale = base, r, k, alpha / r
+        self.topk_on, self.bias_update_rate = topk_on, bias_update_rate
+        cols, vals = sparse_projection(r, base.in_features, p, seed)
+        dev, dt = base.weight.device, base.weight.dtype
+        self.register_buffer("A", densify(cols, vals, base.in_features).to(dev, dt), persistent=False)
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dt))
+        self.register_buffer("routing_bias", torch.zeros(r, device=dev))  # fp32 always
+        self.register_buffer("counts", torch.zeros(r, device=dev), persistent=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        base.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta, mask = flylora_delta(x, self.A, self.B, self.routing_bias, self.k, self.scale, self.topk_on, self.dropout)
+        if self.training:
+            delta = count_on_backward(delta, expert_counts(mask, None), self.counts)
+        return self.base(x) + delta.to(x.dtype)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        loss_free_bias_update(self.routing_bias, self.counts, self.bias_update_rate)
+        self.counts.zero_()

@@ -1,0 +1,88 @@
+"""Routing helpers shared by the routed adapters: per-token top-k selection, expert-load counting
+that happens exactly once per token that is trained on, and the loss-free load-balancing update.
+
+Why counts are taken in *backward*: an expert's load must count each training token once. Counting
+in forward double-counts under non-reentrant gradient checkpointing (forward is re-run in backward)
+and counts nothing under reentrant checkpointing (the first forward runs under no_grad). The
+autograd node below adds the counts of its forward when its backward runs, which happens exactly
+once per optimizer-relevant forward in every case, and never in eval or under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import torch
+
+TOPK_MODES = ("signed", "abs")
+
+
+def select_topk(y: torch.Tensor, bias: torch.Tensor, k: int, topk_on: str = "signed") -> torch.Tensor:
+    """Indices of the k experts chosen per token.
+
+    signed (paper Eq. 10, official PEFT path):  I = top-k_i (y_i + d_i)
+    abs    (official flylora.py):               I = top-k_i |y_i + d_i|
+
+    The bias d only *selects*; it never enters the adapter output. Selection runs in fp32 so that a
+    small d (u = 1e-3 steps) is not rounded away in bf16/fp16.
+
+    y: (..., r), bias: (r,) -> (..., k) int64
+    """
+    scores = y.float() + bias.float()  # (..., r)
+    if topk_on == "abs":
+        scores = scores.abs()
+    elif topk_on != "signed":
+        raise ValueError(f"topk_on={topk_on!r} is not allowed; use one of {TOPK_MODES}")
+    return scores.topk(k, dim=-1, sorted=False).indices
+
+
+def selection_mask(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """0/1 mask in y's dtype with ones at idx: (..., r)."""
+    return torch.zeros_like(y).scatter_(-1, idx, 1.0)
+
+
+def expert_counts(mask: torch.Tensor, token_weight: torch.Tensor | None) -> torch.Tensor:
+    """c_i = Σ_tokens w_t · mask_{t,i} in fp32, on mask's device (no host sync).
+
+    mask: (..., r); token_weight: mask.shape[:-1] (1 = real token, 0 = padding) or None.
+    """
+    flat = mask.detach().reshape(-1, mask.shape[-1]).float()  # (tokens, r)
+    if token_weight is None:
+        return flat.sum(0)
+    return token_weight.reshape(-1).to(flat) @ flat  # (r,)
+
+
+class _AddCountsOnBackward(torch.autograd.Function):
+    """Identity in forward; in backward adds `counts` into `sink` (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, out, counts, sink):
+        ctx.counts, ctx.sink = counts, sink
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sink.add_(ctx.counts)
+        return grad, None, None
+
+
+def count_on_backward(out: torch.Tensor, counts: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """Return `out` unchanged; `sink += counts` happens when gradient flows back through it."""
+    if not (torch.is_grad_enabled() and out.requires_grad):
+        return out
+    return _AddCountsOnBackward.apply(out, counts, sink)
+
+
+@torch.no_grad()
+def loss_free_bias_update(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> None:
+    """Paper Eq. 9 (after DeepSeek-V3's loss-free balancing):  d_i ← d_i + u · sign(mean(c) − c_i).
+
+    Under-loaded experts get a larger bias and are picked more often. With no counted tokens
+    (all c_i = 0) nothing changes, because sign(0) = 0.
+    """
+    bias.add_(rate * torch.sign(counts.mean() - counts).to(bias.dtype))
+
+
+def load_entropy(load: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Load fractions p_i = c_i / Σc and their entropy H = −Σ p_i log p_i (nats)."""
+    total = load.sum()
+    p = load / total if total > 0 else torch.zeros_like(load)
+    h = float(-(p[p > 0] * p[p > 0].log()).sum()) if total > 0 else 0.0
+    return p, h

