@@ -372,7 +372,8 @@ def test_plots_write_pngs(tmp_path):
 
     summary = cosine_summary(make_tasks(), ["mmlu", "sciqa", "gsm8k"])
     heat = plot_cosine_heatmap(summary["mean_matrix"], summary["tasks"], tmp_path / "cos.png")
-    bars = plot_merge_drops({"average": {"mmlu": -2.0, "gsm8k": -20.0}, "ties": {"mmlu": -1.5}}, tmp_path / "d" / "drops.png")
+    drops = {"average": {"mmlu": -2.0, "gsm8k": -20.0}, "ties": {"mmlu": -1.5}}
+    bars = plot_merge_drops(drops, tmp_path / "d" / "drops.png")
     for path in (heat, bars):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
     with pytest.raises(ValueError, match="task names"):
@@ -438,11 +439,14 @@ def test_merged_lora_adapter_round_trips_through_peft(tmp_path):
     targets = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.1.self_attn.v_proj": (16, 32),
                "model.layers.1.mlp.down_proj": (32, 64)}
     g = torch.Generator().manual_seed(3)
-    ranks = [{"model.layers.0.self_attn.q_proj": 2, "model.layers.1.self_attn.v_proj": 4, "model.layers.1.mlp.down_proj": 3},
-             {"model.layers.0.self_attn.q_proj": 3, "model.layers.1.self_attn.v_proj": 1, "model.layers.1.mlp.down_proj": 3}]
+    ranks = [dict(zip(targets, (2, 4, 3))), dict(zip(targets, (3, 1, 3)))]  # per task, per module
     tasks = [
-        {name: LowRankDelta(B=0.3 * torch.randn(m, rk[name], generator=g), A=torch.randn(rk[name], n, generator=g), scale=s)
-         for name, (m, n) in targets.items()}
+        {
+            name: LowRankDelta(
+                B=0.3 * torch.randn(m, rk[name], generator=g), A=torch.randn(rk[name], n, generator=g), scale=s
+            )
+            for name, (m, n) in targets.items()
+        }
         for rk, s in zip(ranks, (2.0, 0.5))
     ]
     weights = [0.8, -0.6]

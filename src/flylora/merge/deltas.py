@@ -111,7 +111,9 @@ def check_task_adapters(tasks: Sequence[TaskAdapter], *, same_rank: bool = False
             if t[name].shape != f0.shape:
                 raise ValueError(f"module {name!r}: task {i} has ΔW shape {t[name].shape}, task 0 has {f0.shape}")
             if same_rank and t[name].rank != f0.rank:
-                raise ValueError(f"module {name!r}: task {i} has rank {t[name].rank}, task 0 has {f0.rank}; equal ranks required")
+                raise ValueError(
+                    f"module {name!r}: task {i} has rank {t[name].rank}, task 0 has {f0.rank}; equal ranks required"
+                )
     return keys
 
 
@@ -185,5 +187,7 @@ def factors_from_peft_model(model: nn.Module, adapter_name: str = "default") -> 
             if adapter_name in layer.lora_A:
                 out[name] = _lora_factors(name, layer, adapter_name)
     if not out:
-        raise ValueError(f"adapter {adapter_name!r} not found in any LoRA/FlyLoRA layer; adapters present: {sorted(seen)}")
+        raise ValueError(
+            f"adapter {adapter_name!r} not found in any LoRA/FlyLoRA layer; adapters present: {sorted(seen)}"
+        )
     return out

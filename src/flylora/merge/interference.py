@@ -44,12 +44,13 @@ def pairwise_cosines(tasks: Sequence[TaskAdapter]) -> dict[str, Tensor]:
     for name in keys:
         fs = [t[name] for t in tasks]
         T = len(fs)
+        dev = fs[0].B.device
+        Bs = [f.scale * f.B.double().to(dev) for f in fs]  # (m, r_i), scale folded in
+        As = [f.A.double().to(dev) for f in fs]  # (r_i, n)
         gram = torch.empty(T, T, dtype=torch.float64)
         for i in range(T):
             for j in range(i, T):
-                Bi, Bj = fs[i].B.double(), fs[j].B.double().to(fs[i].B.device)
-                Ai, Aj = fs[i].A.double(), fs[j].A.double().to(fs[i].A.device)
-                inner = fs[i].scale * fs[j].scale * ((Bi.T @ Bj) * (Ai @ Aj.T)).sum()  # (r_i, r_j) ⊙ (r_i, r_j)
+                inner = ((Bs[i].T @ Bs[j]) * (As[i] @ As[j].T)).sum()  # (r_i, r_j) ⊙ (r_i, r_j)
                 gram[i, j] = gram[j, i] = inner.cpu()
         norms = gram.diagonal().clamp(min=0).sqrt()
         out[name] = gram / (norms[:, None] * norms[None, :])  # 0/0 -> NaN for zero ΔW
@@ -105,7 +106,9 @@ def predicted_cross_entry_var(n: int, r: int, p: float) -> float:
     return p * p / (n * r**4)
 
 
-def predicted_cross_frobenius(n: int, r: int, p: float, r_j: int | None = None, p_j: float | None = None) -> float:
+def predicted_cross_frobenius(
+    n: int, r: int, p: float, r_j: int | None = None, p_j: float | None = None
+) -> float:
     """sqrt(E‖A_iA_jᵀ‖_F²) = sqrt(r_i r_j · p_i p_j / (n r_i² r_j²)); for equal r, p: sqrt(r² p²/(n r⁴)) = p/(r√n).
 
     Independent FlyLoRA A's (p nonzeros per row, values N(0, 1/r²)); E[A_iA_jᵀ] = 0 (Theorem 3.4).
@@ -134,7 +137,9 @@ def cross_projection_summary(tasks: Sequence[TaskAdapter], task_names: Sequence[
             for j in range(i + 1, len(fs)):
                 meas = cross_projection_norms(fs[i].A, fs[j].A)
                 pi, pj = row_nonzeros(fs[i].A), row_nonzeros(fs[j].A)
-                pred = predicted_cross_frobenius(n, fs[i].rank, pi, fs[j].rank, pj) if pi > 0 and pj > 0 else float("nan")
+                pred = float("nan")
+                if pi > 0 and pj > 0:  # an all-zero A has no prediction
+                    pred = predicted_cross_frobenius(n, fs[i].rank, pi, fs[j].rank, pj)
                 ratio = meas["frobenius"] / pred if pred > 0 else float("nan")
                 ratios.append(ratio)
                 rows.append({
@@ -183,7 +188,9 @@ def jl_distance_ratios(A: Tensor, X: Tensor, Y: Tensor, p: float | None = None) 
     """Theorem 3.1 ratios ‖A x − A y‖² / (r σ² ‖x − y‖²), σ² = p/(n r²), for row pairs (x, y) of
     X, Y (N, n). p defaults to A's mean nonzeros per row. ≈ 1 when A preserves distances."""
     if A.dim() != 2 or X.dim() != 2 or X.shape != Y.shape or X.shape[1] != A.shape[1]:
-        raise ValueError(f"need A (r, n) and X, Y (N, n) with equal shapes; got A {tuple(A.shape)}, X {tuple(X.shape)}, Y {tuple(Y.shape)}")
+        raise ValueError(
+            f"need A (r, n) and X, Y (N, n) of equal shape; got A {tuple(A.shape)}, X {tuple(X.shape)}, Y {tuple(Y.shape)}"
+        )
     r, n = A.shape
     p = row_nonzeros(A) if p is None else float(p)
     if not p > 0:

@@ -30,7 +30,9 @@ def merged_full_weights(base_weights: Mapping[str, Tensor], deltas: Mapping[str,
             raise ValueError(f"no base weight for merged module {name!r} (looked for {name!r} and {key!r})")
         w0 = base_weights[key]
         if tuple(w0.shape) != tuple(dw.shape):
-            raise ValueError(f"module {name!r}: ΔW shape {tuple(dw.shape)} does not match base weight {tuple(w0.shape)}")
+            raise ValueError(
+                f"module {name!r}: ΔW shape {tuple(dw.shape)} does not match base weight {tuple(w0.shape)}"
+            )
         dt = torch.promote_types(torch.promote_types(w0.dtype, dw.dtype), torch.float32)
         out[key] = (w0.to(dt) + dw.to(device=w0.device, dtype=dt)).to(w0.dtype)
     return out
@@ -81,7 +83,9 @@ def _umask() -> int:
     return mask
 
 
-def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+def write_dir_atomically(
+    out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False
+) -> Path:
     """Run `write(tmp_dir)` in a temp dir next to `out_dir`, then os.replace it into place, so a
     reader never sees a half-written folder. An existing `out_dir` is replaced only if `overwrite`."""
     out = Path(out_dir)

@@ -120,7 +120,7 @@ def legacy_separate_average(tasks: Sequence[TaskAdapter]) -> dict[str, LowRankDe
         fs = [t[name] for t in tasks]
         scales = {f.scale for f in fs}
         if len(scales) != 1:
-            raise ValueError(f"module {name!r}: legacy averaging needs equal scales across tasks, got {sorted(scales)}")
+            raise ValueError(f"module {name!r}: legacy averaging needs equal scales, got {sorted(scales)}")
         dt = _dtype(fs)
         B = torch.stack([f.B.to(dt) for f in fs]).mean(0)  # (m, r)
         A = torch.stack([f.A.to(dt) for f in fs]).mean(0)  # (r, n)
@@ -191,7 +191,8 @@ def ties(
 def _module_generator(seed: int, name: str) -> torch.Generator:
     """CPU generator seeded by (seed, module name): a module's masks do not depend on which other
     modules are merged or on dict order; crc32 because Python's str hash is salted per process."""
-    return torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    module_seed = (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+    return torch.Generator(device="cpu").manual_seed(module_seed)
 
 
 def dare_tensors(stack: Tensor, density: float, generator: torch.Generator) -> Tensor:
@@ -245,8 +246,9 @@ def _knots_module(
         blocks.append(Rf[:, start : start + f.rank] @ f.A.to(dt))  # (R', n)
         start += f.rank
     U, S, Vh = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)  # (R',K) (K,) (K, T·n)
-    # drop directions with no energy: their coefficients are noise and would only feed TIES junk
-    tol = S.max() * max(Q.shape[0], Vh.shape[1]) * torch.finfo(dt).eps if S.numel() else 0.0
+    # keep the numerical rank only: coefficients of zero-energy directions are rounding noise,
+    # which TIES would otherwise trim and vote on as if it were signal
+    tol = S.max() * max(Q.shape[0], Vh.shape[1]) * torch.finfo(dt).eps
     K = max(1, int((S > tol).sum()))
     basis = (Q @ U[:, :K]) * S[:K]  # (m, K): shared orthonormal basis times singular values
     V = Vh[:K].reshape(K, len(fs), n).transpose(0, 1)  # (T, K, n): ΔW_i = basis · V_i
@@ -264,7 +266,10 @@ def _knots_check(tasks: Sequence[TaskAdapter], merge: str, density: float, major
 
 
 def knots(
-    tasks: Sequence[TaskAdapter], merge: Literal["ties", "mean"] = "ties", density: float = 1.0, majority: Majority = "total"
+    tasks: Sequence[TaskAdapter],
+    merge: Literal["ties", "mean"] = "ties",
+    density: float = 1.0,
+    majority: Majority = "total",
 ) -> dict[str, Tensor]:
     """KnOTS (Stoica et al. 2025): align the tasks in a shared basis, then merge coefficients.
 
@@ -282,7 +287,10 @@ def knots(
 
 
 def knots_lowrank(
-    tasks: Sequence[TaskAdapter], merge: Literal["ties", "mean"] = "ties", density: float = 1.0, majority: Majority = "total"
+    tasks: Sequence[TaskAdapter],
+    merge: Literal["ties", "mean"] = "ties",
+    density: float = 1.0,
+    majority: Majority = "total",
 ) -> dict[str, LowRankDelta]:
     """`knots` written exactly as a LoRA: B = U Σ (m, K), A = V̄ (K, n), scale 1, K ≤ Σ r_i."""
     keys = _knots_check(tasks, merge, density, majority)

@@ -8,9 +8,11 @@ test set is needed and `carved-test` is simply the full test split.
 """
 from __future__ import annotations
 
+import re
+
 from . import scoring
 from .base import ChoiceTask, check_choices
-from .sources import Hub, Loaded, shipped_hf_glob
+from .sources import Hub, Loaded, RowError, shipped_hf_glob
 
 _SHIPPED = "hails/mmlu_no_train"
 
@@ -41,7 +43,6 @@ class MMLU(ChoiceTask):
             raw = raw["train"]
         q, choices, answer = check_choices(raw["question"], raw["choices"], raw["answer"], "ABCD")
         if len(choices) != 4:
-            from .sources import RowError
             raise RowError(f"MMLU rows need 4 choices, got {len(choices)}")
         return {"question": q, "choices": choices, "answer": answer, "subject": raw.get("subject", "")}
 
@@ -70,6 +71,6 @@ class MMLU(ChoiceTask):
             # official rule: correct if ANY digit 0-3 matches; report the gold then, else the first digit
             if scoring.legacy_any_digit_correct(response, ex["answer"]):
                 return ex["answer"]
-            digits = [int(d) for d in __import__("re").findall(r"[0-3]", response or "")]
+            digits = [int(d) for d in re.findall(r"[0-3]", response or "")]
             return digits[0] if digits else None
         return super().predict(response, ex, scoring_mode)
