@@ -21,3 +21,26 @@ __all__ = [
     "routing_stats",
     "update_routing_bias",
 ]
+
+# sibling methods, the FlyLoRA paper's baselines, Riemannian optimizers and parameter accounting
+from . import optim  # noqa: E402
+from .accounting import count_parameters  # noqa: E402
+from .tuners import (  # noqa: E402
+    HydraLoraConfig,
+    LoraFaConfig,
+    MoeLoraConfig,
+    SplitLoraConfig,
+    TopLoraConfig,
+    moe_aux_loss,
+)
+
+__all__ += [
+    "HydraLoraConfig",
+    "LoraFaConfig",
+    "MoeLoraConfig",
+    "SplitLoraConfig",
+    "TopLoraConfig",
+    "count_parameters",
+    "moe_aux_loss",
+    "optim",
+]
