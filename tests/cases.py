@@ -30,9 +30,9 @@ CASES = [
     Case("flylora-mlp-abs", "mlp", flylora.FlyLoraConfig, {"r": 8, "k": 3, "topk_on": "abs", **MLP_TARGETS}, ("flylora_B",)),
     Case("flylora-mlp-sparsity", "mlp", flylora.FlyLoraConfig, {"r": 4, "k": 1, "sparsity": 0.5, **MLP_TARGETS}, ("flylora_B",)),
     Case("flylora-mlp-k=r", "mlp", flylora.FlyLoraConfig, {"r": 4, "k": 4, **MLP_TARGETS}, ("flylora_B",), mergeable=True),
-    Case("flylora-llama-r8k2", "llama", flylora.FlyLoraConfig, {"r": 8, "k": 2}, ("flylora_B",)),
-    Case("flylora-llama-saveA", "llama", flylora.FlyLoraConfig, {"r": 16, "k": 4, "save_projection": True}, ("flylora_B",)),
-    Case("flylora-llama-k=r", "llama", flylora.FlyLoraConfig, {"r": 4, "k": 4, "sparsity": 1.0}, ("flylora_B",), mergeable=True),
+    Case("flylora-llama-r8k2", "llama", flylora.FlyLoraConfig, {"r": 8, "k": 2, "lora_alpha": 16, "projection_seed": 1}, ("flylora_B",)),
+    Case("flylora-llama-saveA", "llama", flylora.FlyLoraConfig, {"r": 16, "k": 4, "lora_alpha": 32, "save_projection": True, "projection_seed": 2}, ("flylora_B",)),
+    Case("flylora-llama-k=r", "llama", flylora.FlyLoraConfig, {"r": 4, "k": 4, "lora_alpha": 8, "sparsity": 1.0, "projection_seed": 3}, ("flylora_B",), mergeable=True),
 ]
 
 # ---- sibling methods and the FlyLoRA paper's baselines ------------------------------------------
@@ -46,11 +46,11 @@ CASES += [
     Case("toplora-llama-eps", "llama", flylora.TopLoraConfig, {"r": 4, "rms_eps": 1e-6}, TOPLORA_T),
     Case("moelora-mlp-sqrt", "mlp", flylora.MoeLoraConfig, {"num_experts": 4, "expert_r": 2, "top_k": 2, "lora_dropout": 0.0, **MLP_TARGETS}, MOELORA_T),
     Case("moelora-mlp-E=1", "mlp", flylora.MoeLoraConfig, {"num_experts": 1, "expert_r": 4, "top_k": 1, "lora_dropout": 0.0, **MLP_TARGETS}, MOELORA_T, mergeable=True),
-    Case("moelora-llama-none-aux", "llama", flylora.MoeLoraConfig, {"num_experts": 4, "expert_r": 2, "top_k": 2, "gate_rescaling": "none", "aux_loss_coef": 0.01}, MOELORA_T),
+    Case("moelora-llama-none-aux", "llama", flylora.MoeLoraConfig, {"num_experts": 4, "expert_r": 2, "top_k": 2, "lora_alpha": 4, "gate_rescaling": "none", "aux_loss_coef": 0.01}, MOELORA_T),
     Case("splitlora-mlp", "mlp", flylora.SplitLoraConfig, {"r": 8, "num_experts": 4, "top_k": 1, **MLP_TARGETS}, SPLIT_T),
-    Case("splitlora-llama-k2", "llama", flylora.SplitLoraConfig, {"r": 8, "num_experts": 4, "top_k": 2}, SPLIT_T),
+    Case("splitlora-llama-k2", "llama", flylora.SplitLoraConfig, {"r": 8, "num_experts": 4, "top_k": 2, "lora_alpha": 16}, SPLIT_T),
     Case("hydralora-mlp", "mlp", flylora.HydraLoraConfig, {"r": 4, "num_heads": 3, **MLP_TARGETS}, HYDRA_T),
     Case("hydralora-llama", "llama", flylora.HydraLoraConfig, {"r": 4, "num_heads": 2}, HYDRA_T),
-    Case("lorafa-mlp", "mlp", flylora.LoraFaConfig, {"r": 4, **MLP_TARGETS}, ("flylora_B",), mergeable=True),
-    Case("lorafa-llama-saveA", "llama", flylora.LoraFaConfig, {"r": 4, "save_projection": True}, ("flylora_B",), mergeable=True),
+    Case("lorafa-mlp", "mlp", flylora.LoraFaConfig, {"r": 4, "lora_alpha": 8, **MLP_TARGETS}, ("flylora_B",), mergeable=True),
+    Case("lorafa-llama-saveA", "llama", flylora.LoraFaConfig, {"r": 4, "lora_alpha": 8, "save_projection": True}, ("flylora_B",), mergeable=True),
 ]

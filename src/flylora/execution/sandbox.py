@@ -54,6 +54,7 @@ class ExecResult:
     stderr: str = ""
     wall_s: float = 0.0
     features: list[str] = field(default_factory=list)
+    pid: int = 0                     # the child's pid = its process group id (killed by now)
 
     @property
     def passed(self) -> bool:
@@ -158,19 +159,19 @@ def _run(program: str, limits: Limits, drop: bool) -> ExecResult:
         features = status.get("features", [])
         if timed_out:
             return ExecResult("timed out", f"wall clock > {limits.timeout_s:g}s",
-                              stdout, stderr, wall, features)
+                              stdout, stderr, wall, features, proc.pid)
         if status.get("status") == "passed" and proc.returncode == 0:
-            return ExecResult("passed", "", stdout, stderr, wall, features)
+            return ExecResult("passed", "", stdout, stderr, wall, features, proc.pid)
         if status.get("status") == "failed":
-            return ExecResult("failed", status.get("error", ""), stdout, stderr, wall, features)
+            return ExecResult("failed", status.get("error", ""), stdout, stderr, wall, features, proc.pid)
         if proc.returncode < 0:
             name = signal.Signals(-proc.returncode).name
             why = {"SIGXCPU": "CPU time limit", "SIGKILL": "killed", "SIGXFSZ": "output limit",
                    "SIGSEGV": "crashed (memory limit?)"}.get(name, name)
-            return ExecResult("killed", f"{name}: {why}", stdout, stderr, wall, features)
+            return ExecResult("killed", f"{name}: {why}", stdout, stderr, wall, features, proc.pid)
         return ExecResult("failed", f"exit code {proc.returncode} without a status "
                           f"({stderr.strip().splitlines()[-1][:200] if stderr.strip() else 'no stderr'})",
-                          stdout, stderr, wall, features)
+                          stdout, stderr, wall, features, proc.pid)
     finally:
         for fd in (read_fd, write_fd):
             if fd >= 0:
@@ -203,7 +204,7 @@ def run_programs(programs: list[str], limits: Limits | None = None, workers: int
                  progress: bool = False, desc: str = "executing") -> list[ExecResult]:
     """Run many programs, `workers` at a time; results in input order."""
     limits = limits or Limits()
-    workers = workers or default_workers()
+    workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     run_program("pass", limits)  # settle the privilege probe before the threads start

@@ -68,7 +68,9 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch
     return kept / kept.sum(dim=-1, keepdim=True), probs, mask
 
 
-def combine_experts(u: torch.Tensor, g: torch.Tensor, B: torch.Tensor, scale: float, gate_rescaling: str) -> torch.Tensor:
+def combine_experts(
+    u: torch.Tensor, g: torch.Tensor, B: torch.Tensor, scale: float, gate_rescaling: str
+) -> torch.Tensor:
     """Σ_i y_i from u = A h (all experts' rank-r_e activations) and the gate weights g.
 
     u: (..., E·r_e), g: (..., E), B: (m, E·r_e) -> (..., m)

@@ -75,7 +75,13 @@ class SplitLoraLinear(nn.Module):
     """A Split-LoRA-adapted nn.Linear for use without PEFT."""
 
     def __init__(
-        self, base: nn.Linear, r: int = 32, num_experts: int = 4, top_k: int = 1, alpha: float = 64.0, dropout: float = 0.0
+        self,
+        base: nn.Linear,
+        r: int = 32,
+        num_experts: int = 4,
+        top_k: int = 1,
+        alpha: float = 64.0,
+        dropout: float = 0.0,
     ):
         super().__init__()
         check_split_hyperparameters(r, num_experts, top_k)

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def token_scales(x: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor, eps: Optional[float] = None) -> torch.Tensor:
+def token_scales(
+    x: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor, eps: Optional[float] = None
+) -> torch.Tensor:
     """λ(x) = exp(RMSNorm_r(x Θ; γ, ε)), strictly positive.
 
     x: (..., n), theta: (n, r), gamma: (r,) -> (..., r)
@@ -61,7 +63,8 @@ def init_toplora_(A: torch.Tensor, B: torch.Tensor, theta: torch.Tensor, gamma: 
 
 
 def check_rms_eps(rms_eps: Optional[float]) -> None:
-    if rms_eps is not None and not (isinstance(rms_eps, (int, float)) and not isinstance(rms_eps, bool) and rms_eps > 0):
+    is_number = isinstance(rms_eps, (int, float)) and not isinstance(rms_eps, bool)
+    if rms_eps is not None and not (is_number and rms_eps > 0):
         raise ValueError(f"rms_eps={rms_eps!r} is not allowed: use None (torch.finfo(dtype).eps) or a float > 0")
 
 

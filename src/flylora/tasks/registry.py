@@ -42,9 +42,9 @@ def expand(names: list[str] | str) -> list[str]:
     """Task names with groups expanded, duplicates dropped, order kept. Accepts a list or a
     comma-separated string."""
     if isinstance(names, str):
-        names = [n for n in names.split(",") if n.strip()]
+        names = [names]
     out: list[str] = []
-    for n in (x.strip() for x in names):
+    for n in (x.strip() for item in names for x in item.split(",") if x.strip()):
         for t in groups().get(n, [n]):
             get_task(t)  # validates
             if t not in out:

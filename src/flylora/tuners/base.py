@@ -107,6 +107,13 @@ class AdapterLinear(nn.Module, BaseTunerLayer):
 
     # ---- shared machinery -------------------------------------------------------------------
     def _finish_update(self, adapter_name: str) -> None:
+        # New per-adapter modules (dropout) start in training mode; match the model they join, so
+        # add_adapter on an eval-mode model does not switch on the new adapter's dropout.
+        training = self.get_base_layer().training
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if isinstance(container, nn.ModuleDict) and adapter_name in container:
+                container[adapter_name].train(training)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 

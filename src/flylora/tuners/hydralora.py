@@ -44,7 +44,8 @@ class HydraLoraLayer(AdapterLinear):
     other_param_names = ("hydralora_dropout", "r", "num_heads", "scaling")
 
     def _create_containers(self) -> None:
-        self.hydralora_A, self.hydralora_B, self.hydralora_router = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        self.hydralora_A, self.hydralora_B = nn.ParameterDict(), nn.ParameterDict()
+        self.hydralora_router = nn.ParameterDict()
         self.hydralora_dropout = nn.ModuleDict()
         self.r, self.num_heads, self.scaling = {}, {}, {}
 

@@ -33,7 +33,9 @@ class MoeLoraConfig(AdapterConfig):
         default=None, metadata={"help": "total rank num_experts·expert_r; derived (leave unset)"}
     )
     lora_alpha: float = field(default=16, metadata={"help": "each expert is scaled by lora_alpha / expert_r"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the experts' input (the gate sees the raw x)"})
+    lora_dropout: float = field(
+        default=0.05, metadata={"help": "dropout on the experts' input (the gate sees the raw x)"}
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "modules to adapt"}
     )

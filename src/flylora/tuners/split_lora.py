@@ -44,7 +44,8 @@ class SplitLoraLayer(AdapterLinear):
     other_param_names = ("splitlora_dropout", "r", "num_experts", "top_k", "scaling")
 
     def _create_containers(self) -> None:
-        self.splitlora_A, self.splitlora_B, self.splitlora_router = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        self.splitlora_A, self.splitlora_B = nn.ParameterDict(), nn.ParameterDict()
+        self.splitlora_router = nn.ParameterDict()
         self.splitlora_dropout = nn.ModuleDict()
         self.r, self.num_experts, self.top_k, self.scaling = {}, {}, {}, {}
 

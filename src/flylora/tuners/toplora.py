@@ -37,7 +37,8 @@ class TopLoraConfig(AdapterConfig):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj"], metadata={"help": "modules to adapt"}
     )
     rms_eps: Optional[float] = field(
-        default=None, metadata={"help": "RMSNorm epsilon; None = torch.finfo(dtype).eps (official nn.RMSNorm(eps=None))"}
+        default=None,
+        metadata={"help": "RMSNorm epsilon; None = torch.finfo(dtype).eps (official nn.RMSNorm(eps=None))"},
     )
 
     method_name = "TOPLORA"
