@@ -33,6 +33,8 @@ def test_choice_text_match_and_earliest_evidence():
     assert S.extract_choice("Paris is lovely", MMLU_LABELS, LETTERS, texts) is None
     # a leading answer beats a later marker
     assert S.extract_choice("2\nThe answer is 0", MMLU_LABELS, LETTERS) == 2
+    # a bare label that is also an option's text is read as the label
+    assert S.extract_choice("\n1\n", MMLU_LABELS, LETTERS, ["1", "3", "5", "7"]) == 1
 
 
 def test_mmlu_legacy_any_digit_is_lenient():

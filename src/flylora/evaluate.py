@@ -30,6 +30,7 @@ from typing import Any, Sequence
 from .models import DEFAULT_MODEL, autocast, load_model, load_tokenizer, resolve_model_path, set_threads
 from .tasks import expand, get_task
 from .tasks.base import Task
+from .tasks.scoring import choose_by_loglik
 from .tasks.sources import Loaded
 
 EVAL_SPLITS = ("test", "carved-test")
@@ -242,7 +243,7 @@ def evaluate_task(task: Task, model, tokenizer, *, split: str = "test", data_pat
             k += len(conts)
             lengths = {"none": [1] * len(s), "char": [len(c) for c in conts], "token": [n for _, n in s]}
             for norm in LOGLIK_NORMS:
-                picks[norm].append(max(range(len(s)), key=lambda i: s[i][0] / max(lengths[norm][i], 1)))
+                picks[norm].append(choose_by_loglik([lp for lp, _ in s], lengths[norm]))
             records.append({"prompt": p, "continuations": conts, "logprobs": [lp for lp, _ in s],
                             "tokens": [n for _, n in s]})
         result = task.score_choices(rows, picks[loglik_norm])

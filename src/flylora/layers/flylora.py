@@ -13,18 +13,13 @@ every adapter path out of the gradient to earlier layers; we do not).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
 from torch import nn
 
-from .routing import (
-    count_on_backward,
-    expert_counts,
-    loss_free_bias_update,
-    select_topk,
-    selection_mask,
-)
+from .routing import count_on_backward, index_counts, loss_free_bias_update, select_topk
 
 
 def check_hyperparameters(r: int, k: int, sparsity: float | None, in_features: int | None = None) -> int | None:
@@ -76,6 +71,70 @@ def densify(cols: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tensor:
     return a.scatter_(1, cols.long(), vals)
 
 
+def _matmul_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` for a matmul with a `dtype` operand, skipped where it cannot change the result.
+
+    Under autocast the matmul casts both operands to the autocast dtype itself. When `dtype` is
+    fp32 and t is bf16/fp16 the cast here is an exact widening that autocast immediately undoes:
+    same values, but two (..., n) copies forward and two more in backward (an o_proj/down_proj
+    input is bf16 under autocast while the frozen A is fp32), so we leave t as it is.
+    """
+    if (
+        t.dtype != dtype
+        and dtype == torch.float32
+        and t.dtype in (torch.bfloat16, torch.float16)
+        and torch.is_autocast_enabled(t.device.type)
+    ):
+        return t
+    return t.to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _exact_in(scale: float, dtype: torch.dtype) -> bool:
+    return float(torch.tensor(scale, dtype=dtype)) == scale
+
+
+def routed_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    bias: torch.Tensor,
+    k: int,
+    scale: float,
+    topk_on: str = "signed",
+    dropout: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(α/r) · B (mask ⊙ A x) and the chosen experts' indices (..., k), or None when k = r.
+
+    The layers' hot path; `flylora_delta` is the same computation returning the 0/1 mask. Where
+    the work goes (…, r tensors are r/m of an output's size, so the (…, m) passes dominate):
+      * the selection runs on y.detach(): it only yields indices, so no autograd nodes or saved
+        tensors are made for it;
+      * α/r multiplies the (…, r) routed activations, not the (…, m) output, saving one (…, m)
+        pass forward and one in backward: it is folded into the scatter that places the
+        selected y_i, so routed = y ⊙ (α/r)·mask costs one multiply, as y ⊙ mask did. For a
+        power-of-two α/r (α = 2r, the default, gives 2) this is bit-identical to scaling the
+        output; otherwise it differs by float rounding only;
+      * no casts that autocast would undo (see `_matmul_operand`).
+    Backward saves A (a buffer, no copy), the (…, r) scaled mask and routed activations, and B;
+    never x, which is why FlyLoRA needs less activation memory than LoRA (whose trainable A
+    needs x for its gradient).
+    """
+    h = dropout(x) if dropout is not None else x
+    y = _matmul_operand(h, A.dtype) @ A.t()  # (..., r)
+    r = A.shape[0]
+    if k == r:  # every expert active: no selection needed (LoRA-FA)
+        idx = None
+        routed = y * scale
+    else:
+        idx = select_topk(y.detach(), bias, k, topk_on)  # (..., k)
+        # the scaled mask in y's dtype when α/r is exact there (no copy for the matmul), else fp32
+        wdt = y.dtype if _exact_in(float(scale), y.dtype) else torch.promote_types(y.dtype, torch.float32)
+        weights = torch.zeros(y.shape, dtype=wdt, device=y.device).scatter_(-1, idx, scale)  # (α/r)·mask
+        routed = y * weights  # (..., r)
+    return _matmul_operand(routed, B.dtype) @ B.t(), idx  # (..., m)
+
+
 def flylora_delta(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -90,17 +149,13 @@ def flylora_delta(
 
     x: (..., n), A: (r, n), B: (m, r), bias: (r,) -> delta (..., m), mask (..., r)
     """
-    h = dropout(x) if dropout is not None else x
-    y = h.to(A.dtype) @ A.t()  # (..., r)
-    r = A.shape[0]
-    if k == r:  # every expert active: no selection needed (LoRA-FA)
-        mask = torch.ones_like(y)
-        routed = y
-    else:
-        mask = selection_mask(y, select_topk(y, bias, k, topk_on))  # (..., r)
-        routed = y * mask
-    delta = (routed.to(B.dtype) @ B.t()) * scale  # (..., m)
-    return delta, mask
+    delta, idx = routed_delta(x, A, B, bias, k, scale, topk_on, dropout)
+    # the mask in y = A x's dtype: A's, or the autocast dtype when autocast ran the matmul
+    dtype = A.dtype
+    if torch.is_autocast_enabled(x.device.type) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    mask = torch.zeros((*delta.shape[:-1], A.shape[0]), dtype=dtype, device=delta.device)
+    return delta, mask.fill_(1.0) if idx is None else mask.scatter_(-1, idx, 1.0)
 
 
 class FlyLoraLinear(nn.Module):
@@ -137,9 +192,9 @@ class FlyLoraLinear(nn.Module):
         base.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta, mask = flylora_delta(x, self.A, self.B, self.routing_bias, self.k, self.scale, self.topk_on, self.dropout)
+        delta, idx = routed_delta(x, self.A, self.B, self.routing_bias, self.k, self.scale, self.topk_on, self.dropout)
         if self.training:
-            delta = count_on_backward(delta, expert_counts(mask, None), self.counts)
+            delta = count_on_backward(delta, index_counts(idx, self.r, None, x), self.counts)
         return self.base(x) + delta.to(x.dtype)
 
     @torch.no_grad()

@@ -9,6 +9,8 @@ once per optimizer-relevant forward in every case, and never in eval or under ``
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 TOPK_MODES = ("signed", "abs")
@@ -47,6 +49,25 @@ def expert_counts(mask: torch.Tensor, token_weight: torch.Tensor | None) -> torc
     if token_weight is None:
         return flat.sum(0)
     return token_weight.reshape(-1).to(flat) @ flat  # (r,)
+
+
+def index_counts(idx: torch.Tensor | None, r: int, token_weight: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`expert_counts(selection_mask(y, idx), token_weight)` from the indices alone, without the
+    (..., r) mask: c_i = Σ_tokens w_t · [i ∈ idx_t], fp32, on x's device (no host sync).
+
+    idx: (..., k) int64, or None when every expert is active (k = r); x: the layer input (...,
+    n), for the token dims and device. The counts are sums of 0/1 weights, i.e. exact integers,
+    so they equal the mask-based counts bit for bit whatever the summation order.
+    """
+    if idx is None:
+        if token_weight is None:
+            return torch.full((r,), float(math.prod(x.shape[:-1])), dtype=torch.float32, device=x.device)
+        return token_weight.detach().reshape(-1).float().sum().expand(r).clone()
+    flat = idx.detach().reshape(-1)
+    if token_weight is None:
+        return torch.bincount(flat, minlength=r).float()
+    w = token_weight.detach().reshape(-1, 1).to(torch.float32).expand(-1, idx.shape[-1]).reshape(-1)
+    return torch.zeros(r, dtype=torch.float32, device=idx.device).index_add_(0, flat, w)
 
 
 class _AddCountsOnBackward(torch.autograd.Function):

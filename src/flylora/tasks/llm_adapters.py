@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 from . import scoring
-from .base import ScoreResult, Task
+from .base import Task
 from .gsm8k import clean_solution, gsm8k_final
 from .sources import Loaded, RowError, shipped_hf, shipped_oe
 
@@ -269,9 +269,6 @@ class LATrainMix(LATask):
             sources.append(data.source)
         desc = f"carved-train of {self.name}: union of " + "; ".join(sources)
         return Loaded(rows, desc, split, [desc])
-
-    def score(self, examples, responses, scoring_mode=None) -> ScoreResult:
-        raise ValueError(f"{self.name} is a training set")
 
 
 def build_tasks() -> list[Task]:

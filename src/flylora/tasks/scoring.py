@@ -30,7 +30,7 @@ def extract_choice(response: str, labels: Sequence[str], aliases: dict[str, int]
       2. an answer marker followed by a label: "Answer: 2", "The answer is (B)",
          "correct option is C" (the label must not continue as a longer word or number);
       3. the first line equals one option's text (case-insensitive, surrounding quotes and a
-         final period ignored).
+         final period ignored); at the same position a label (1, 2) wins over option text.
     Labels are case-sensitive, so the article "a" is never read as option A.
     """
     table = {lab: i for i, lab in enumerate(labels)}
@@ -39,19 +39,21 @@ def extract_choice(response: str, labels: Sequence[str], aliases: dict[str, int]
         raise ValueError("extract_choice needs at least one label")
     alt = "|".join(re.escape(k) for k in sorted(table, key=len, reverse=True))
     text = response or ""
-    found: list[tuple[int, int]] = []  # (position, index)
+    found: list[tuple[int, int, int]] = []  # (position, rule priority, option index)
     lead = re.match(rf"\s*(?:[\(\[]\s*({alt})\s*[\)\]]|\**({alt})\**(?=[.:,;)\]]|\s*$|\s*\n))", text)
     if lead:
-        found.append((0, table[lead.group(1) or lead.group(2)]))
+        found.append((0, 0, table[lead.group(1) or lead.group(2)]))
     m = re.search(rf"{_MARKER}[\(\[]?\s*({alt})(?![\w])", text)
     if m:
-        found.append((m.start(), table[m.group(1)]))
+        found.append((m.start(), 1, table[m.group(1)]))
     if choice_texts:
         first = text.strip().split("\n", 1)[0].strip().strip("\"'`*").rstrip(".").strip().lower()
         hits = [i for i, c in enumerate(choice_texts) if first and first == str(c).strip().rstrip(".").lower()]
         if len(hits) == 1:
-            found.append((0, hits[0]))
-    return min(found)[1] if found else None
+            found.append((0, 2, hits[0]))
+    # earliest wins; at the same position a label beats option text ("1" with options
+    # ['1', '3', '5', '7'] is index 1, since the prompt asks for a label)
+    return min(found)[2] if found else None
 
 
 def legacy_any_digit_correct(response: str, gold: int) -> bool:

@@ -19,8 +19,8 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from ..layers.flylora import check_hyperparameters, densify, flylora_delta, layer_seed, sparse_projection
-from ..layers.routing import TOPK_MODES, count_on_backward, expert_counts
+from ..layers.flylora import check_hyperparameters, densify, layer_seed, routed_delta, sparse_projection
+from ..layers.routing import TOPK_MODES, count_on_backward, index_counts
 from .base import AdapterConfig, AdapterLinear, AdapterTuner, register_method
 
 
@@ -124,13 +124,13 @@ class FlyLoraLayer(AdapterLinear):
 
     def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         k, r = self.k[name], self.r[name]
-        delta, mask = flylora_delta(
+        delta, idx = routed_delta(
             x, self.flylora_A[name], self.flylora_B[name], self.flylora_bias[name],
             k, self.scaling[name], self.topk_on[name], self.flylora_dropout[name],
         )  # fmt: skip
         counting = self.training and torch.is_grad_enabled() and k < r
         if counting or self.recording:
-            counts = expert_counts(mask, self._token_weight(x))  # (r,)
+            counts = index_counts(idx, r, self._token_weight(x), x)  # (r,), from the indices: no (..., r) mask
             if counting:
                 delta = count_on_backward(delta, counts, self._sink(self.pending_counts, name, r, x.device))
                 self._note_training_forward()

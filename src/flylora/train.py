@@ -1,0 +1,494 @@
+"""`flylora train <recipe.yaml> [key=value ...]`: train one adapter with the HF Trainer.
+
+    from flylora.train import train
+    run_dir = train("recipes/cpu/flylora_smollm2.yaml", ["train.max_steps=20"])
+
+Any method (flylora, lora, adalora, lora_fa, toplora, moelora, split_lora, hydralora; see
+flylora.recipe), any transformers optimizer plus the Riemannian ones, gradient accumulation,
+bf16/fp16 autocast, gradient checkpointing (use_reentrant=False by default), resuming.
+
+Seeds. `train.seed` drives everything random in training: data order, dropout, the random init
+of LoRA's A (set before the adapter is created). FlyLoRA's and LoRA-FA's frozen A is NOT drawn
+from it: it comes from `method.config.projection_seed`, and when the recipe leaves that unset it
+is derived as sha256("projection", train.seed, data.task). So every task gets its own
+independent A (the paper's merge argument needs that; the official code's `set_seed(23)` before
+every task gives them all the same A), a rerun of the same recipe gets the same A, and a resumed
+run regenerates exactly the A it was trained with. Set projection_seed explicitly to share one A.
+
+Run folder (`output.dir`):
+  recipe.yaml         the validated recipe (a resume must match it)
+  checkpoints/        Trainer checkpoints every `train.save_steps` (adapter, optimizer, RNG states)
+  tensorboard/        event files, when the tensorboard package is installed
+  adapter/            the final adapter (written to a temp folder, then os.replace'd)
+  run.json            recipe, versions, seeds, parameter counts, losses, wall time, data provenance
+
+Multi-process: `torchrun --nproc_per_node N -m flylora train r.yaml` or
+`accelerate launch -m flylora train r.yaml` (DDP). The Trainer gets
+ddp_find_unused_parameters=False (every adapter tensor is in every forward's graph: unselected
+FlyLoRA experts get a zero gradient through the mask, not a missing one, so DDP's extra
+unused-parameter traversal is wasted work) and ddp_broadcast_buffers=False (the only adapter
+buffers are FlyLoRA's A, regenerated from the same seed on every rank, and the routing bias d,
+which `update_routing_bias` changes identically on every rank from all-reduced counts; broadcasting
+them from rank 0 before every forward would only move r·n floats per layer per step). Both can be
+switched back on in the recipe. After training, every rank hashes its adapter and run.json records
+the hashes, so a divergence would show.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .recipe import RIEMANNIAN, Recipe, dump_recipe, first_difference, load_recipe, method_config_class
+
+RUN_VERSION = 1
+FRESH_SEED_METHODS = ("flylora", "lora_fa")  # methods whose frozen A comes from projection_seed
+
+
+# ----------------------------------------------------------------------------------- helpers
+def derive_seed(*parts: Any) -> int:
+    """A stable 62-bit seed from any values (sha256, so it is the same in every process)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _log(msg: str) -> None:
+    if _rank() == 0:
+        print(msg, flush=True)
+
+
+def package_versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    import flylora
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "flylora": flylora.__version__}
+
+
+def tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def adapter_digest(model) -> str:
+    """sha256 over the adapter's saved tensors (name, dtype, shape, bytes), in name order."""
+    from peft.utils import get_peft_model_state_dict
+
+    h = hashlib.sha256()
+    for name, t in sorted(get_peft_model_state_dict(model).items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------- building
+def peft_config_kwargs(recipe: Recipe, total_steps: int | None = None) -> dict:
+    """The method's config kwargs with the defaults this pipeline fills in (see module docstring)."""
+    from .tuners.base import DEFAULT_TARGET_MODULES
+
+    name, kwargs = recipe.method.name, dict(recipe.method.config)
+    if name in FRESH_SEED_METHODS and kwargs.get("projection_seed") is None:
+        kwargs["projection_seed"] = derive_seed("projection", recipe.train.seed, recipe.data.task)
+    if name in ("lora", "adalora") and kwargs.get("target_modules") is None:
+        kwargs["target_modules"] = list(DEFAULT_TARGET_MODULES)  # the paper adapts all 7 projections
+    if name == "adalora" and kwargs.get("total_step") is None and total_steps is not None:
+        kwargs["total_step"] = total_steps  # AdaLoRA's rank schedule needs the run length
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    return kwargs
+
+
+def build_peft_config(recipe: Recipe, total_steps: int | None = None):
+    cls = method_config_class(recipe.method.name)
+    kwargs = peft_config_kwargs(recipe, total_steps)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"recipe.method.config: {str(e).splitlines()[0]}") from None
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def build_dataset(recipe: Recipe, tokenizer):
+    """(TokenizedDataset, Loaded provenance) for the recipe's task and split."""
+    from .tasks import get_task
+
+    d = recipe.data
+    task = get_task(d.task)
+    data = task.load(d.split, d.path, limit=d.limit, seed=d.carve_seed, train_fraction=d.carve_fraction,
+                     limit_seed=d.limit_seed)
+    rows = [task.tokenize(ex, tokenizer, cutoff_len=d.cutoff_len, train_on_inputs=d.train_on_inputs,
+                          add_eos=d.add_eos, template=d.template, chat=d.chat_template,
+                          truncation=d.truncation) for ex in data.rows]
+    return TokenizedDataset(rows), data
+
+
+def steps_per_epoch(n_examples: int, recipe: Recipe, world_size: int) -> int:
+    t = recipe.train
+    batches = -(-n_examples // (t.micro_batch_size * world_size))  # ceil: the last batch is kept
+    return max(1, batches // t.gradient_accumulation)
+
+
+def total_optimizer_steps(n_examples: int, recipe: Recipe, world_size: int) -> int:
+    t = recipe.train
+    if t.max_steps > 0:
+        return t.max_steps
+    return max(1, int(-(-t.epochs * steps_per_epoch(n_examples, recipe, world_size) // 1)))
+
+
+# ----------------------------------------------------------------------------------- trainer
+def _trainer_class():
+    from transformers import Trainer
+
+    class FlyLoraTrainer(Trainer):
+        """HF Trainer plus: the Riemannian optimizers (`create_optimizer`), and MoE-LoRA's optional
+        load-balancing loss added to the task loss."""
+
+        def __init__(self, *args, recipe: Recipe, **kwargs):
+            self.recipe = recipe
+            super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, model=None):
+            t = self.recipe.train
+            if t.optimizer not in RIEMANNIAN:
+                return super().create_optimizer(model) if model is not None else super().create_optimizer()
+            if self.optimizer is None:
+                from .optim import RiemannianAdamW, RiemannianSGD
+
+                cls = RiemannianAdamW if t.optimizer == "riemannian_adamw" else RiemannianSGD
+                kwargs = {"lr": t.lr, "weight_decay": t.weight_decay, **t.optimizer_args}
+                try:  # pairs come from the tuner layers of the unwrapped model
+                    self.optimizer = cls.from_model(self.model, gate_lr=t.gate_lr, gate_max_norm=t.gate_max_norm,
+                                                    **kwargs)
+                except TypeError as e:
+                    raise ValueError(f"recipe.train.optimizer_args: {e}") from None
+            return self.optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if self.recipe.method.name != "moelora" or not model.training:
+                return out
+            from .tuners.moelora import moe_aux_loss
+
+            aux = moe_aux_loss(model)
+            if aux.requires_grad or aux.item() != 0:
+                # the task loss is already normalised over the accumulated batch when the model
+                # takes num_items_in_batch; the aux loss is a per-micro-batch mean, so average it too
+                if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                    aux = aux / self.current_gradient_accumulation_steps
+                if return_outputs:
+                    return out[0] + aux.to(out[0].device), out[1]
+                return out + aux.to(out.device)
+            return out
+
+    return FlyLoraTrainer
+
+
+def _callbacks(recipe: Recipe) -> list:
+    from transformers import TrainerCallback
+
+    from .balance import RoutingBiasCallback
+
+    cbs: list = [RoutingBiasCallback()]  # once per optimizer step, counts all-reduced under DDP
+    if recipe.method.name == "adalora":
+        class AdaLoraAllocator(TrainerCallback):
+            """AdaLoRA's rank budget: update_and_allocate after each step, before zero_grad."""
+
+            def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+                model.base_model.update_and_allocate(state.global_step)
+
+        cbs.append(AdaLoraAllocator())
+    return cbs
+
+
+def training_arguments(recipe: Recipe, checkpoint_dir: Path, tensorboard: bool):
+    from transformers import TrainingArguments
+
+    t = recipe.train
+    if t.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("recipe.train.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")
+    kwargs = dict(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.lr,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,  # < 1: a ratio
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm is not None else 0.0,  # 0 disables clipping
+        optim=t.optimizer if t.optimizer not in RIEMANNIAN else "adamw_torch",  # the latter unused
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        seed=t.seed,
+        data_seed=t.data_seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=["tensorboard"] if tensorboard else "none",
+        ddp_find_unused_parameters=t.ddp_find_unused_parameters,
+        ddp_broadcast_buffers=t.ddp_broadcast_buffers,
+        ddp_backend="gloo" if _world_size() > 1 and not torch.cuda.is_available() else None,
+        remove_unused_columns=False,  # our dataset is already model inputs; PEFT hides forward's signature
+        label_names=["labels"],
+        dataloader_num_workers=t.dataloader_num_workers,
+        disable_tqdm=not recipe.output.progress,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    # transformers 5 renamed these; keep older releases (>= 4.46) working too
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    kwargs[ckpt] = t.gradient_checkpointing
+    kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": t.use_reentrant}
+    if "train_sampling_strategy" in fields:
+        kwargs["train_sampling_strategy"] = "group_by_length" if t.group_by_length else "random"
+    else:
+        kwargs["group_by_length"] = t.group_by_length
+    return TrainingArguments(**kwargs)
+
+
+# ----------------------------------------------------------------------------------- run folder
+def _prepare_run_dir(recipe: Recipe) -> tuple[Path, str | None]:
+    """Create/check the run folder; return (run_dir, checkpoint to resume from or None)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    run_dir = recipe.run_dir
+    o = recipe.output
+    ckpt_dir = run_dir / "checkpoints"
+    finished = (run_dir / "run.json").is_file() and (run_dir / "adapter").is_dir()
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if finished and not o.overwrite:
+        raise ValueError(f"{run_dir} already holds a finished run (run.json); set output.overwrite=true "
+                         "to train again or choose another output.dir")
+    if o.overwrite or (o.resume == "never" and last is None):
+        if _rank() == 0 and run_dir.exists() and o.overwrite:
+            import shutil
+
+            shutil.rmtree(run_dir)
+        _barrier()
+        return run_dir, None
+    if o.resume == "never":
+        raise ValueError(f"{ckpt_dir} holds checkpoints but output.resume=never; set output.overwrite=true to "
+                         "start over or output.resume=auto to continue")
+    resume = last if o.resume == "auto" else o.resume
+    saved = run_dir / "recipe.yaml"
+    if resume is not None and saved.is_file():
+        import yaml
+
+        old, new = yaml.safe_load(saved.read_text()), recipe.to_dict()
+        old.pop("output", None)
+        new.pop("output", None)
+        diff = first_difference(old, new)
+        if diff:
+            raise ValueError(f"cannot resume {run_dir}: {diff[0]} was {diff[1]!r}, the recipe now says "
+                             f"{diff[2]!r}; use a new output.dir or output.overwrite=true")
+    return run_dir, resume
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- the API
+def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | dict | None = None,
+          *, callbacks: Sequence | None = None) -> Path:
+    """Train the recipe's adapter; returns the run folder (see the module docstring).
+
+    `overrides`: ["train.lr=1e-3", ...] or {"train.lr": 1e-3}. `callbacks`: extra TrainerCallbacks.
+    Raises ValueError with one line for a bad recipe, before any model is loaded."""
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    from .accounting import count_parameters
+    from .merge.io import write_dir_atomically
+    from .models import load_model, load_tokenizer, resolve_model_path
+
+    recipe = load_recipe(recipe, list(overrides) if isinstance(overrides, (list, tuple)) else overrides)
+    tb = recipe.output.tensorboard
+    if tb and not tensorboard_available():
+        raise ValueError("recipe.output.tensorboard: true needs the tensorboard package (pip install tensorboard)")
+    tb = tensorboard_available() if tb is None else tb
+    start = time.monotonic()
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+
+    # data first: a bad task/split fails before the model loads
+    model_path = resolve_model_path(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(model_path, padding_side="right")  # causal-LM training pads on the right
+    dataset, data = build_dataset(recipe, tokenizer)
+    world = _world_size()
+    total_steps = total_optimizer_steps(len(dataset), recipe, world)
+    peft_config = build_peft_config(recipe, total_steps)
+    args = training_arguments(recipe, recipe.run_dir / "checkpoints", tb)
+    _ = args.device  # sets up the device, and the process group under torchrun / accelerate launch
+    run_dir, resume = _prepare_run_dir(recipe)
+    if _rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    if tb:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+
+    set_seed(recipe.train.seed)  # before the adapter exists: LoRA's random A init comes from it
+    model = load_model(model_path, dtype=recipe.model.dtype)
+    model = get_peft_model(model, peft_config)
+    model.peft_config["default"].base_model_name_or_path = recipe.model.name_or_path  # portable name
+    if recipe.train.gradient_checkpointing and recipe.train.use_reentrant:
+        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    counts = count_parameters(model)
+    _log(f"{recipe.name}: {recipe.method.name} on {recipe.model.name_or_path}, task {recipe.data.task} "
+         f"({data.split}, {len(dataset)} examples), {counts['trainable']:,} trainable / "
+         f"{counts['activated']:,} activated parameters, {total_steps} optimizer steps"
+         + (f", resuming from {resume}" if resume else ""))
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                               processing_class=tokenizer, callbacks=_callbacks(recipe) + list(callbacks or ()),
+                               recipe=recipe)
+    out = trainer.train(resume_from_checkpoint=resume)
+
+    digest = adapter_digest(model)
+    digests = [digest]
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest)
+    if trainer.is_world_process_zero():
+        write_dir_atomically(run_dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)), overwrite=True)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        info = {
+            "flylora_run_version": RUN_VERSION,
+            "name": recipe.name,
+            "started": started,
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+            "wall_s": round(time.monotonic() - start, 2),
+            "run_dir": str(run_dir),
+            "adapter": "adapter",
+            "recipe": recipe.to_dict(),
+            "method": recipe.method.name,
+            "peft_config": _jsonable(model.peft_config["default"].to_dict()),
+            "model": {"name_or_path": recipe.model.name_or_path, "resolved_path": model_path,
+                      "dtype": recipe.model.dtype},
+            "seeds": {"train": recipe.train.seed, "data": recipe.train.data_seed,
+                      "projection": getattr(peft_config, "projection_seed", None),
+                      "carve": recipe.data.carve_seed if data.split.startswith("carved") else None},
+            "data": {"task": recipe.data.task, "split": data.split, "source": data.source, "notes": data.notes,
+                     "examples": len(dataset), "tokens": sum(len(r["input_ids"]) for r in dataset.rows)},
+            "parameters": {k: v for k, v in counts.items() if k != "by_tensor"} | {"by_tensor": counts.get("by_tensor")},
+            "versions": package_versions(),
+            "train": {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+                      "total_steps": total_steps, "train_loss_mean": out.training_loss,
+                      "final_loss": losses[-1] if losses else None,
+                      "first_loss": losses[0] if losses else None,
+                      "resumed_from": resume, "tensorboard": bool(tb),
+                      "precision": recipe.train.precision, "optimizer": recipe.train.optimizer,
+                      "log_history": trainer.state.log_history},
+            "distributed": {"world_size": len(digests), "adapter_sha256_per_rank": digests,
+                            "identical": len(set(digests)) == 1},
+            "routing": _routing_summary(model),
+        }
+        _atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2, default=str) + "\n")
+        _log(f"final loss {info['train']['final_loss']}, {info['wall_s']:.1f}s -> {run_dir}/adapter, run.json")
+    _barrier()
+    return run_dir
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def _routing_summary(model) -> dict | None:
+    """Normalised routing entropy over the FlyLoRA layers (1 = perfectly even expert load)."""
+    from .balance import routing_stats
+
+    stats = [s for s in routing_stats(model).values() if s["tokens"] > 0]
+    if not stats:
+        return None
+    ratios = [s["entropy"] / s["max_entropy"] for s in stats]
+    return {"layers": len(stats), "normalised_entropy_mean": sum(ratios) / len(ratios),
+            "normalised_entropy_min": min(ratios)}
+
+
+def load_run(run_dir: str | os.PathLike) -> dict:
+    """run.json of a finished run (FileNotFoundError with one line otherwise)."""
+    p = Path(run_dir) / "run.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{run_dir}: no run.json (not a finished `flylora train` run folder)")
+    return json.loads(p.read_text())
+
+
+# ----------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML (see recipes/ and docs/pipeline.md)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides, values parsed as YAML scalars (e.g. train.lr=1e-3 data.limit=64)")
+    p.add_argument("--print-recipe", action="store_true", help="print the validated recipe and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    for o in args.overrides:
+        if "=" not in o:
+            raise ValueError(f"override {o!r}: expected key.path=value (e.g. train.lr=1e-3)")
+    if args.print_recipe:
+        sys.stdout.write(dump_recipe(load_recipe(args.recipe, args.overrides)))
+        return 0
+    train(args.recipe, args.overrides)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flylora train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
