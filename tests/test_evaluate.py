@@ -185,3 +185,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "unknown scoring mode 'nope'; allowed: strict, legacy_any_digit" in capsys.readouterr().err
     assert cli_main(["eval", "--list-tasks"]) == 0
     assert "group commonsense" in capsys.readouterr().out
+
+
+def test_flylora_adapter_loads_and_changes_outputs(tiny_path, tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from flylora import FlyLoraConfig
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_path)),
+                           FlyLoraConfig(r=8, k=2, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # B starts at 0; make it nonzero so the adapter shows
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    model.save_pretrained(str(tmp_path / "fly"))
+    report = evaluate(["mmlu"], str(tiny_path), [f"fly={tmp_path / 'fly'}"], include_base=True, limit=2,
+                      mode="loglik", out_dir=tmp_path / "out", progress=False, device="cpu")
+    assert [r["adapter"] for r in report["results"]] == [None, "fly"]
+    base, fly = ([json.loads(x)["logprobs"] for x in open(tmp_path / "out" / "outputs" / f"{label}__mmlu.jsonl")]
+                 for label in ("base", "fly"))
+    assert base != fly

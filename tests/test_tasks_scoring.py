@@ -17,7 +17,8 @@ LETTERS = {"A": 0, "B": 1, "C": 2, "D": 3}
     ("2", 2), ("2.", 2), ("\n1\n\n### Explanation: 3 is wrong", 1), ("Answer: 2", 2),
     ("Answer Index: 3", 3), ("The answer is (B)", 1), ("(B) Paris", 1), ("B) Paris", 1),
     ("B. Paris", 1), ("**C**", 2), ("The correct answer is C.", 2),
-    ("I think the answer is 1, not 3", 1),
+    ("I think the answer is 1, not 3", 1), ("Option 2 is wrong; the answer is 3", 3),
+    ("The correct option is C", 2), ("Answer: option B", 1),
     # not answers
     ("3 options: 0, 1, 2", None), ("A cat is an animal", None), ("answer is 23", None), ("", None),
     ("The answer is 8.", None),

@@ -68,6 +68,16 @@ def test_dataset_dict_folder_picks_the_split(mmlu_disk):
     assert _questions(data) == MMLU_EXPECTED[:2]  # auxiliary_train, not test
 
 
+def test_folder_of_files_never_mixes_splits(tmp_path):
+    import shutil
+
+    shutil.copy(FIX / "mmlu.jsonl", tmp_path / "test.jsonl")
+    shutil.copy(FIX / "mmlu_bad_answer.jsonl", tmp_path / "dev-00000.jsonl")
+    assert _questions(get_task("mmlu").load("test", str(tmp_path))) == MMLU_EXPECTED
+    with pytest.raises(ValueError, match="has files for other splits .* but none for auxiliary_train / train"):
+        get_task("mmlu").load("train", str(tmp_path))
+
+
 def test_malformed_row_names_file_and_line():
     with pytest.raises(ValueError, match=r"mmlu_bad_answer\.jsonl:line 3: mmlu: answer 7 out of range"):
         get_task("mmlu").load("test", str(FIX / "mmlu_bad_answer.jsonl"))
@@ -209,3 +219,22 @@ def test_commonsense_170k_carved_train_is_the_union_of_carved_halves():
                 for k in ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"))
     assert len(mix.rows) == parts
     assert "union of" in mix.source
+
+
+def test_limit_seed_takes_a_reproducible_subset_in_order():
+    task = get_task("glue:rte")
+    full = task.load("test").rows
+    a, b = task.load("test", limit=5, limit_seed=1), task.load("test", limit=5, limit_seed=1)
+    assert a.rows == b.rows and len(a.rows) == 5 and a.rows != full[:5]
+    positions = [full.index(r) for r in a.rows]
+    assert positions == sorted(positions) and "limit_seed=1" in a.notes[-1]
+
+
+def test_unreachable_hub_counts_as_offline(monkeypatch):
+    from flylora.tasks import sources
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    assert sources.hub_online() is False
+    assert sources.load_hub(sources.Hub("nyu-mll/glue", "cola", "train")) is None

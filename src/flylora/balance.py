@@ -27,9 +27,15 @@ def update_routing_bias(model: nn.Module) -> int:
     Under torch.distributed the counts of all ranks are summed first (one all-reduce per device),
     so every rank applies the same update and d stays identical everywhere. Returns the number of
     (layer, adapter) biases updated.
+
+    Cost: this runs once per step over every adapted layer (210 in SmolLM2-135M), so it is
+    batched: per (device, r) group one stack of the counts, one sign/mean, and `_foreach` adds,
+    a dozen tensor ops in all instead of ~8 per layer (9 ms -> well under 1 ms per call on
+    SmolLM2; `flylora bench` reports its share of a step). The counts are exact integers, so the
+    batched mean and sign are bit-identical to `loss_free_bias_update` applied layer by layer.
     """
-    entries = [(layer, name, c) for _, layer in routed_layers(model) for name, c in layer.pending_counts.items()]
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    entries = [(layer, name, c) for layer in _layers_to_update(model, distributed) for name, c in layer.pending_counts.items()]
     if distributed:
         by_device: dict[torch.device, list] = {}
         for e in entries:
@@ -39,14 +45,51 @@ def update_routing_bias(model: nn.Module) -> int:
             dist.all_reduce(flat)
             for (_, _, c), part in zip(group, flat.split([c.numel() for _, _, c in group])):
                 c.copy_(part)
+    groups: dict[tuple, tuple[list, list, list, list]] = {}
     for layer, name, counts in entries:
-        if layer.flylora_bias[name].dtype != torch.float32:  # e.g. after model.to(torch.bfloat16)
-            layer.flylora_bias[name] = layer.flylora_bias[name].float()
-        loss_free_bias_update(layer.flylora_bias[name], counts, layer.bias_update_rate[name])
-        FlyLoraLayer._sink(layer.load_totals, name, counts.numel(), counts.device).add_(counts)
-        counts.zero_()
-        layer._forwards_since_update = 0
+        store = layer.flylora_bias
+        bias = store[name]
+        if bias.dtype != torch.float32:  # e.g. after model.to(torch.bfloat16)
+            bias = store[name] = bias.float()
+        total = layer.load_totals.get(name)
+        if total is None or total.device != counts.device:
+            total = layer.load_totals[name] = torch.zeros(counts.numel(), device=counts.device)
+        layer.__dict__["_forwards_since_update"] = 0  # a plain int: skip nn.Module.__setattr__
+        b, c, t, u = groups.setdefault((counts.device, counts.numel(), counts.dtype), ([], [], [], []))
+        b.append(bias), c.append(counts), t.append(total), u.append(layer.bias_update_rate[name])
+    for biases, counts, totals, rates in groups.values():
+        stacked = torch.stack(counts)  # (layers, r)
+        step = torch.sign(stacked.mean(dim=1, keepdim=True) - stacked)  # (layers, r), as loss_free_bias_update
+        if len(set(rates)) == 1:
+            step.mul_(rates[0])
+        else:
+            step.mul_(torch.tensor(rates, dtype=step.dtype, device=step.device).unsqueeze(1))
+        torch._foreach_add_(biases, list(step.to(torch.float32).unbind(0)))
+        torch._foreach_add_(totals, counts)
+        torch._foreach_zero_(counts)
     return len(entries)
+
+
+def _layers_to_update(model: nn.Module, distributed: bool) -> list[FlyLoraLayer]:
+    """The FlyLoRA layers that may hold counts. A FlyLoRA PEFT model's layers register in their
+    shared routing context when they count, which saves walking all ~2000 modules of a 30-layer
+    model every step (2-4 ms on CPU). Layers that did not count hold zero counts, for which the
+    update changes nothing. Under torch.distributed every rank must all-reduce the same tensors
+    in the same order, so there (and for models with no context to ask) every layer is visited."""
+    ctx = None
+    for m in (model, getattr(model, "base_model", None)):
+        ctx = getattr(m, "_routing_context", None) if m is not None else None
+        if ctx is not None and hasattr(ctx, "pending_layers"):
+            break
+        ctx = None
+    if ctx is None or distributed:
+        if ctx is not None:
+            ctx.pending_layers.clear()
+        # modules(), not named_modules(): no name strings to build
+        return [m for m in model.modules() if isinstance(m, FlyLoraLayer)]
+    layers = list(ctx.pending_layers.values())
+    ctx.pending_layers.clear()
+    return layers
 
 
 @contextlib.contextmanager

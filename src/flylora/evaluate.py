@@ -17,7 +17,9 @@ adapters are evaluated one at a time (`adapter_mode="each"`) or all active toget
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import inspect
 import json
 import math
 import os
@@ -297,6 +299,10 @@ def evaluate(tasks: Sequence[str] | str, model: Any = None, adapters: Sequence[s
         raise ValueError("no tasks given")
     if adapter_mode not in ("each", "stack"):
         raise ValueError(f"adapter_mode must be 'each' or 'stack', got {adapter_mode!r}")
+    allowed = set(inspect.signature(evaluate_task).parameters) - {"task", "model", "tokenizer", "data", "data_path"}
+    if set(task_kwargs) - allowed:
+        raise ValueError(f"unknown evaluate() option(s) {sorted(set(task_kwargs) - allowed)}; "
+                         f"allowed: {', '.join(sorted(allowed))}")
     data = data or {}
     unknown = set(data) - set(names)
     if unknown:
@@ -327,8 +333,6 @@ def evaluate(tasks: Sequence[str] | str, model: Any = None, adapters: Sequence[s
             tokenizer.pad_token = tokenizer.eos_token
     model = attach_adapters(model, adapter_list)
     # what to evaluate: [(label, context manager factory)]
-    import contextlib
-
     runs: list[tuple[str | None, Any]] = []
     if include_base or not adapter_list:
         runs.append((None, (lambda: model.disable_adapter()) if adapter_list else contextlib.nullcontext))
@@ -357,15 +361,11 @@ def evaluate(tasks: Sequence[str] | str, model: Any = None, adapters: Sequence[s
     return report
 
 
+@contextlib.contextmanager
 def _active(model, names: list[str]):
-    """Context manager: make `names` the active adapter(s) (several at once = stacked)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm():
-        model.base_model.set_adapter(names if len(names) > 1 else names[0])
-        yield
-    return cm()
+    """Make `names` the active adapter(s) (several at once = stacked)."""
+    model.base_model.set_adapter(names if len(names) > 1 else names[0])
+    yield
 
 
 def markdown_table(report: dict) -> str:

@@ -13,8 +13,11 @@ from typing import Sequence
 import numpy as np
 
 # ----------------------------------------------------------------------------- choices
-_MARKER = (r"(?i:\b(?:the\s+)?(?:correct\s+|final\s+|best\s+)?(?:answer|option|choice)"
-           r"(?:\s+index)?\s*(?:is|:|=|-)?\s*(?:option\s*|choice\s*)?)")
+# "answer [index] [is|:]", or "correct/best/right option|choice [is|:]"; a bare "option 2"
+# is not a marker ("Option 2 is wrong; the answer is 3" answers 3)
+_MARKER = (r"(?i:\b(?:(?:the\s+)?(?:correct\s+|final\s+|best\s+|right\s+)?answer(?:\s+index)?"
+           r"|(?:the\s+)?(?:correct|best|right)\s+(?:option|choice))"
+           r"\s*(?:is|:|=|-)?\s*(?:option\s*|choice\s*)?)")
 
 
 def extract_choice(response: str, labels: Sequence[str], aliases: dict[str, int] | None = None,

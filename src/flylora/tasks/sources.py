@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 LOCAL_FORMATS = "json, jsonl (optionally .gz), parquet, or a datasets.save_to_disk folder"
+_KNOWN_SPLITS = ("train", "test", "validation", "valid", "val", "dev", "auxiliary_train",
+                 "validation_matched", "validation_mismatched", "test_matched", "test_mismatched")
 
 
 class RowError(ValueError):
@@ -156,13 +158,23 @@ def read_local(path: str | os.PathLike, split_names: tuple[str, ...] = ()) -> li
     if (p / "state.json").is_file():
         return list(_iter_table(datasets.load_from_disk(str(p)), str(p)))
     files = sorted(f for f in p.rglob("*") if f.is_file() and _reader_for(f) is not None)
+    # HF layouts name files after their split ("test-00000-of-00001.parquet", "train.jsonl")
+    # or keep them in a folder per split. Files of *other* splits are never mixed in.
+    def split_of(f: Path, names) -> str | None:
+        return next((n for n in names if f.name.startswith((n + "-", n + ".")) or f.parent.name == n), None)
+
     if split_names:
+        chosen = []
         for name in split_names:
-            chosen = [f for f in files if f.name.startswith(name + "-") or f.name.startswith(name + ".")
-                      or f.name.startswith(name + "_0") or f.parent.name == name]
+            chosen = [f for f in files if split_of(f, (name,))]
             if chosen:
-                files = chosen
                 break
+        others = [f for f in files if split_of(f, _KNOWN_SPLITS)]
+        if chosen:
+            files = chosen
+        elif others:
+            raise ValueError(f"folder {str(p)!r} has files for other splits ({others[0].name}, ...) "
+                             f"but none for {' / '.join(split_names)}")
     if not files:
         raise ValueError(f"folder {str(p)!r} holds no readable data; allowed: {LOCAL_FORMATS}")
     return [row for f in files for row in _reader_for(f)(f)]

@@ -67,9 +67,13 @@ def _set_persistent(buffers: BufferDict, key: str, persistent: bool) -> None:
 
 
 class _RoutingContext:
-    """Shared by the layers of one model: the attention mask of the current forward."""
+    """Shared by the layers of one model: the attention mask of the current forward, and the
+    layers that have counted tokens since the last bias update (so `update_routing_bias` need
+    not walk every module of the model once per optimizer step)."""
 
-    token_mask: Optional[torch.Tensor] = None
+    def __init__(self) -> None:
+        self.token_mask: Optional[torch.Tensor] = None
+        self.pending_layers: dict[int, "FlyLoraLayer"] = {}
 
 
 class FlyLoraLayer(AdapterLinear):
@@ -134,6 +138,8 @@ class FlyLoraLayer(AdapterLinear):
             if counting:
                 delta = count_on_backward(delta, counts, self._sink(self.pending_counts, name, r, x.device))
                 self._note_training_forward()
+                if self.routing_context is not None:
+                    self.routing_context.pending_layers[id(self)] = self
             else:
                 self._sink(self.load_totals, name, r, x.device).add_(counts)
         return delta
