@@ -521,6 +521,8 @@ TARGETS = {
 
 def headline(result: dict, model: str) -> dict:
     """The top-level keys: FlyLoRA's ratios on `model` (medians), and each target met or missed."""
+    if FLY not in result["models"][model]["methods"]:
+        return {"headline_model": model, "targets": {}}
     m = result["models"][model]["methods"][FLY]
     keys = {
         "headline_model": model,
@@ -604,6 +606,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write every figure here (default: "
                    "benchmarks/bench.json for a full run, nothing for --quick/--smoke)")  # fmt: skip
     p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the methods (the reference "
+                   "methods lora_r8, lora_r32 and frozen_base are always included)")  # fmt: skip
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per phase (default: 10 to 40 "
                    "within a time budget; --quick 5 to 20)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, timed by this thread's CPU "
@@ -643,6 +647,12 @@ def _run(args, t0: float) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     methods = list(_method_configs())
+    if args.methods:
+        wanted = {m.strip() for m in args.methods.split(",") if m.strip()}
+        unknown = sorted(wanted - set(methods))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {methods}")
+        methods = [m for m in methods if m in wanted | {FLOOR, REF_STEP, REF_SIZE}]
     result = {
         "machine": machine_info(args.threads),
         "settings": {"mode": mode, "precision": "fp32 weights, bf16 autocast" if plan.autocast else "fp32",

@@ -15,6 +15,7 @@ Rules
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class TrainSection:
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # wins over warmup_ratio when > 0
     lr_scheduler: str = "linear"
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # e.g. polynomial: {lr_end: 1.0e-6, power: 1.0}
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = 1.0  # null: no global clipping
     optimizer: str = "adamw_torch"  # any transformers `optim` name, or riemannian_adamw / riemannian_sgd
@@ -285,6 +287,26 @@ def validate(recipe: Recipe) -> Recipe:
     return recipe
 
 
+# ---------------------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats: PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                 |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
 # ---------------------------------------------------------------------------------- overrides
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], YAML-parsed value)."""
@@ -292,7 +314,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
         raise ValueError(f"override {text!r}: expected key.path=value (e.g. train.lr=1e-3)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ValueError(f"override {text!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
     return key.strip().split("."), value
@@ -325,7 +347,7 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"recipe file {str(p)!r} not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_load(p.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     if data is None:

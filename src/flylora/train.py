@@ -247,6 +247,7 @@ def training_arguments(recipe: Recipe, checkpoint_dir: Path, tensorboard: bool):
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_kwargs=dict(t.lr_scheduler_kwargs),
         warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,  # < 1: a ratio
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm if t.max_grad_norm is not None else 0.0,  # 0 disables clipping
@@ -307,9 +308,9 @@ def _prepare_run_dir(recipe: Recipe) -> tuple[Path, str | None]:
     resume = last if o.resume == "auto" else o.resume
     saved = run_dir / "recipe.yaml"
     if resume is not None and saved.is_file():
-        import yaml
+        from .recipe import yaml_load
 
-        old, new = yaml.safe_load(saved.read_text()), recipe.to_dict()
+        old, new = yaml_load(saved.read_text()), recipe.to_dict()
         old.pop("output", None)
         new.pop("output", None)
         diff = first_difference(old, new)
@@ -367,7 +368,8 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
     if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    if tb:
+    old_tb_dir = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    if tb:  # read by transformers' TensorBoardCallback when training begins
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
     set_seed(recipe.train.seed)  # before the adapter exists: LoRA's random A init comes from it
@@ -386,7 +388,14 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                processing_class=tokenizer, callbacks=_callbacks(recipe) + list(callbacks or ()),
                                recipe=recipe)
-    out = trainer.train(resume_from_checkpoint=resume)
+    try:
+        out = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if tb:
+            if old_tb_dir is None:
+                os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+            else:
+                os.environ["TENSORBOARD_LOGGING_DIR"] = old_tb_dir
 
     digest = adapter_digest(model)
     digests = [digest]

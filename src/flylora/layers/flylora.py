@@ -18,6 +18,7 @@ import hashlib
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .routing import count_on_backward, index_counts, loss_free_bias_update, select_topk
 
@@ -121,7 +122,7 @@ def routed_delta(
     needs x for its gradient).
     """
     h = dropout(x) if dropout is not None else x
-    y = _matmul_operand(h, A.dtype) @ A.t()  # (..., r)
+    y = F.linear(_matmul_operand(h, A.dtype), A)  # (..., r) = h Aᵀ; one call instead of .t() and @
     r = A.shape[0]
     if k == r:  # every expert active: no selection needed (LoRA-FA)
         idx = None
@@ -132,7 +133,7 @@ def routed_delta(
         wdt = y.dtype if _exact_in(float(scale), y.dtype) else torch.promote_types(y.dtype, torch.float32)
         weights = torch.zeros(y.shape, dtype=wdt, device=y.device).scatter_(-1, idx, scale)  # (α/r)·mask
         routed = y * weights  # (..., r)
-    return _matmul_operand(routed, B.dtype) @ B.t(), idx  # (..., m)
+    return F.linear(_matmul_operand(routed, B.dtype), B), idx  # (..., m) = routed Bᵀ
 
 
 def flylora_delta(

@@ -14,6 +14,7 @@ import math
 import torch
 
 TOPK_MODES = ("signed", "abs")
+_WIDENS_TO_FP32 = (torch.float32, torch.bfloat16, torch.float16)  # exactly representable in fp32
 
 
 def select_topk(y: torch.Tensor, bias: torch.Tensor, k: int, topk_on: str = "signed") -> torch.Tensor:
@@ -27,7 +28,10 @@ def select_topk(y: torch.Tensor, bias: torch.Tensor, k: int, topk_on: str = "sig
 
     y: (..., r), bias: (r,) -> (..., k) int64
     """
-    scores = y.float() + bias.float()  # (..., r)
+    if bias.dtype == torch.float32 and y.dtype in _WIDENS_TO_FP32:
+        scores = torch.add(y, bias)  # type promotion gives fp32 in one op: the same values as below
+    else:
+        scores = y.float() + bias.float()  # (..., r)
     if topk_on == "abs":
         scores = scores.abs()
     elif topk_on != "signed":
@@ -53,21 +57,27 @@ def expert_counts(mask: torch.Tensor, token_weight: torch.Tensor | None) -> torc
 
 def index_counts(idx: torch.Tensor | None, r: int, token_weight: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """`expert_counts(selection_mask(y, idx), token_weight)` from the indices alone, without the
-    (..., r) mask: c_i = Σ_tokens w_t · [i ∈ idx_t], fp32, on x's device (no host sync).
+    (..., r) mask: c_i = Σ_tokens w_t · [i ∈ idx_t], fp32, on x's device.
 
-    idx: (..., k) int64, or None when every expert is active (k = r); x: the layer input (...,
-    n), for the token dims and device. The counts are sums of 0/1 weights, i.e. exact integers,
-    so they equal the mask-based counts bit for bit whatever the summation order.
+    idx: (..., k) int64, or None when every expert is active (k = r). token_weight: the tokens'
+    weights shaped like idx.shape[:-1] (or flat), or already repeated per chosen expert as a flat
+    fp32 (N·k,) vector, or None for all ones. x: the layer input (..., n), for the token count
+    and device. One index_add_ (no host sync, unlike bincount on an accelerator). The counts
+    are sums of 0/1 weights, i.e. exact integers, so they equal the mask-based counts bit for
+    bit whatever the summation order.
     """
     if idx is None:
         if token_weight is None:
             return torch.full((r,), float(math.prod(x.shape[:-1])), dtype=torch.float32, device=x.device)
         return token_weight.detach().reshape(-1).float().sum().expand(r).clone()
-    flat = idx.detach().reshape(-1)
+    flat = idx.detach().reshape(-1)  # (N·k,)
     if token_weight is None:
-        return torch.bincount(flat, minlength=r).float()
-    w = token_weight.detach().reshape(-1, 1).to(torch.float32).expand(-1, idx.shape[-1]).reshape(-1)
-    return torch.zeros(r, dtype=torch.float32, device=idx.device).index_add_(0, flat, w)
+        w = torch.ones((), dtype=torch.float32, device=flat.device).expand(flat.numel())
+    elif token_weight.dim() == 1 and token_weight.numel() == flat.numel() and token_weight.dtype == torch.float32:
+        w = token_weight.detach()  # already one weight per (token, chosen expert)
+    else:
+        w = token_weight.detach().reshape(-1, 1).to(torch.float32).expand(-1, idx.shape[-1]).reshape(-1)
+    return torch.zeros(r, dtype=torch.float32, device=flat.device).index_add_(0, flat, w)
 
 
 class _AddCountsOnBackward(torch.autograd.Function):

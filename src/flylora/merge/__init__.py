@@ -69,3 +69,21 @@ __all__ = [
     "weight_average",
     "weight_average_lowrank",
 ]
+
+# model-level pipeline: routed union artifacts, the merge API behind `flylora merge`, analysis glue
+from flylora.merge.union import is_routed_union, load_routed_union, write_routed_union  # noqa: E402
+from flylora.merge.cli import merge_adapters  # noqa: E402
+from flylora.merge.analysis import interference_report, load_task_factors, resolve_inputs  # noqa: E402
+from flylora.merge.plots import plot_cosine_heatmap, plot_merge_drops  # noqa: E402
+
+__all__ += [
+    "interference_report",
+    "is_routed_union",
+    "load_routed_union",
+    "load_task_factors",
+    "merge_adapters",
+    "plot_cosine_heatmap",
+    "plot_merge_drops",
+    "resolve_inputs",
+    "write_routed_union",
+]

@@ -213,6 +213,14 @@ def merge_adapters(inputs: Sequence[str | tuple[str, str]] | Sequence[AdapterInp
                         "majority": majority, "seed": seed, "dare_combine": dare_combine,
                         "knots_merge": knots_merge, "rank": rank, "legacy_form": legacy_form, "dtype": dtype}}
     routed_inputs = any(t in ("FLYLORA",) for t in types)
+    if method in DELTA_METHODS or analyze:  # fail before loading any model
+        from flylora.merge.analysis import FACTOR_TYPES
+
+        for i in ins:
+            if i.peft_type not in FACTOR_TYPES:
+                raise ValueError(f"{i.name}: {i.peft_type} adapters have an input-dependent router and no ΔW = B·A "
+                                 f"factors; ΔW merges and --analyze need one of {', '.join(FACTOR_TYPES)} "
+                                 "(use --method routed_union or legacy_average for this method)")
     model = factors = None
     if method == "routed_union":
         from flylora.merge.union import write_routed_union

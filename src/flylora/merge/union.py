@@ -34,7 +34,7 @@ from flylora.merge.io import ADAPTER_WEIGHTS, write_dir_atomically
 MANIFEST = "routed_union.json"
 FORMAT = "flylora-routed-union"
 # the tensor each method's delta is linear in (the per-adapter key is `<module>.<attr>` in the file)
-B_TENSORS = {"LORA": "lora_B", "FLYLORA": "flylora_B", "LORA_FA": "flylora_B", "SPLIT_LORA": "splitlora_B",
+B_TENSORS = {"LORA": "lora_B", "FLYLORA": "flylora_B", "LORA_FA": "flylora_B", "SPLITLORA": "splitlora_B",
              "HYDRALORA": "hydralora_B", "MOELORA": "moelora_B", "TOPLORA": "toplora_B"}
 
 

@@ -74,6 +74,17 @@ class _RoutingContext:
     def __init__(self) -> None:
         self.token_mask: Optional[torch.Tensor] = None
         self.pending_layers: dict[int, "FlyLoraLayer"] = {}
+        self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def token_weights(self, device: torch.device, repeat: int) -> torch.Tensor:
+        """The current token mask as flat fp32 weights, each repeated `repeat` times (once per
+        chosen expert), made once per forward and device instead of once per layer."""
+        mask, key = self.token_mask, (device, repeat)
+        hit = self._weights.get(key)
+        if hit is None or hit[0] is not mask:
+            w = mask.to(device=device, dtype=torch.float32).reshape(-1, 1).expand(-1, repeat).reshape(-1)
+            hit = self._weights[key] = (mask, w)
+        return hit[1]
 
 
 class FlyLoraLayer(AdapterLinear):
@@ -134,7 +145,7 @@ class FlyLoraLayer(AdapterLinear):
         )  # fmt: skip
         counting = self.training and torch.is_grad_enabled() and k < r
         if counting or self.recording:
-            counts = index_counts(idx, r, self._token_weight(x), x)  # (r,), from the indices: no (..., r) mask
+            counts = index_counts(idx, r, self._token_weight(x, k if idx is not None else 1), x)  # (r,)
             if counting:
                 delta = count_on_backward(delta, counts, self._sink(self.pending_counts, name, r, x.device))
                 self._note_training_forward()
@@ -144,10 +155,13 @@ class FlyLoraLayer(AdapterLinear):
                 self._sink(self.load_totals, name, r, x.device).add_(counts)
         return delta
 
-    def _token_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        mask = self.routing_context.token_mask if self.routing_context is not None else None
+    def _token_weight(self, x: torch.Tensor, repeat: int = 1) -> Optional[torch.Tensor]:
+        """Flat fp32 token weights (1 = real token, 0 = padding) repeated `repeat` times each, when
+        the model forward had an attention mask matching x's token dims; else None."""
+        ctx = self.routing_context
+        mask = ctx.token_mask if ctx is not None else None
         if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-            return mask.to(x.device)
+            return ctx.token_weights(x.device, repeat)
         return None
 
     @staticmethod

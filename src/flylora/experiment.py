@@ -1,0 +1,450 @@
+"""The multi-task merging experiment: train T adapters per method and seed, evaluate each on its
+own task, merge them, evaluate the merge on every task; results.json for `flylora report`.
+
+    from flylora.experiment import run_experiment
+    results = run_experiment("recipes/cpu/experiment_smollm2.yaml")    # or a dict
+    # -> <output_dir>/results.json; then flylora.report.write_report(results, out_dir)
+
+CLI: `flylora report --experiment SPEC.yaml [key=value ...]` (runs, then writes the report), or
+`python -m flylora.experiment SPEC.yaml`.
+
+The spec (validated strictly, like recipes; one line naming a bad key):
+
+    name: cpu_merge
+    recipe: recipes/cpu/base.yaml        # base training recipe: a path (relative to the spec) or a mapping
+    methods:                             # label -> recipe overrides (dotted keys, as on the train CLI)
+      flylora: {method.name: flylora, method.config: {r: 32, k: 8, lora_alpha: 64}}
+      lora_r8: {method.name: lora, method.config: {r: 8, lora_alpha: 16}}
+    tasks: [glue:sst2, commonsense:boolq]
+    seeds: [0, 1]                        # train.seed (FlyLoRA's A is derived from seed and task)
+    eval: {limit: 100, mode: loglik, batch_size: 16, bf16_autocast: true}
+    merges:                              # label -> flylora merge options
+      weight_average: {method: weight_average}
+      routed_union: {method: routed_union, only: [flylora]}
+    analysis: [weight_average]           # interference analysis (first seed): true, false or merge labels
+
+Every stage is cached on disk (run.json, results.json, merge.json), so a rerun after an
+interruption picks up where it stopped; a training run interrupted mid-way resumes from its last
+checkpoint. Models trained on carved-train are evaluated on carved-test (same carve seed).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .recipe import _build, apply_overrides, load_recipe, read_yaml
+
+RESULTS_VERSION = 1
+ROUTED_TYPES = ("flylora",)  # adapter methods whose ΔW merges drop input-dependent routing
+DELTA_OK = ("lora", "adalora", "flylora", "lora_fa")
+UNION_OK = ("lora", "flylora", "lora_fa", "split_lora", "hydralora", "moelora", "toplora")
+
+
+@dataclass
+class EvalSpec:
+    split: Optional[str] = None  # default: carved-test for carved-train runs, else test
+    limit: Optional[int] = 100
+    limit_seed: Optional[int] = None
+    mode: str = "generate"  # generate (the paper's protocol) or loglik (multiple choice)
+    batch_size: int = 16
+    bf16_autocast: bool = True
+    max_new_tokens: Optional[int] = None
+    include_base: bool = True
+    task_map: dict = field(default_factory=dict)  # training task -> evaluation task (code_alpaca: humaneval)
+    per_task: dict = field(default_factory=dict)  # evaluation task -> extra evaluate() kwargs
+
+
+@dataclass
+class MergeSpec:
+    method: str = "weight_average"
+    weights: Optional[list[float]] = None
+    density: float = 0.5
+    majority: str = "total"
+    seed: int = 0
+    dare_combine: str = "sum"
+    knots_merge: str = "ties"
+    format: str = "auto"
+    rank: Optional[int] = None
+    legacy_form: str = "routed"
+    only: Optional[list[str]] = None  # method labels this merge applies to (default: all it supports)
+
+
+@dataclass
+class ExperimentSpec:
+    name: str = "experiment"
+    description: str = ""
+    recipe: Any = None  # path or mapping
+    methods: dict = field(default_factory=dict)
+    tasks: list[str] = field(default_factory=list)  # training tasks
+    task_overrides: dict = field(default_factory=dict)  # training task -> recipe overrides (epochs, lr, ...)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    merges: dict = field(default_factory=dict)
+    analysis: Union[bool, list[str]] = True  # interference analysis (first seed): all merges, none, or these labels
+    analysis_prompts: int = 16
+    output_dir: str = "runs/experiments/{name}"
+    keep_full_weights: bool = False  # full-weight merges are deleted after evaluation (they are big)
+    threads: Optional[int] = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir.replace("{name}", self.name))
+
+    def eval_task(self, task: str) -> str:
+        return self.eval.task_map.get(task, task)
+
+    @property
+    def eval_tasks(self) -> list[str]:
+        return [self.eval_task(t) for t in self.tasks]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", text).strip("-")
+
+
+def load_spec(source: str | os.PathLike | dict, overrides: list[str] | dict | None = None) -> tuple[ExperimentSpec, dict]:
+    """(validated spec, base recipe dict). A relative `recipe:` path is relative to the spec file."""
+    from .merge.cli import METHODS as MERGE_METHODS
+
+    base_dir = Path(".")
+    if isinstance(source, dict):
+        data = source
+    else:
+        data = read_yaml(source)
+        data.setdefault("name", Path(source).stem)
+        base_dir = Path(source).parent
+    spec = _build(ExperimentSpec, apply_overrides(data, overrides), "spec")
+    merges = {}
+    for label, m in spec.merges.items():
+        merges[label] = _build(MergeSpec, m or {}, f"spec.merges.{label}")
+        if merges[label].method not in MERGE_METHODS:
+            raise ValueError(f"spec.merges.{label}.method: {merges[label].method!r} is not allowed "
+                             f"(allowed: {', '.join(MERGE_METHODS)})")
+    spec.merges = merges
+    if not spec.tasks or not spec.methods:
+        raise ValueError("spec: needs at least one of each of `tasks` and `methods`")
+    if not spec.seeds:
+        raise ValueError("spec.seeds: needs at least one seed")
+    from .tasks import get_task
+
+    for t in spec.tasks + spec.eval_tasks:
+        get_task(t)
+    for key, label in ((spec.task_overrides, "spec.task_overrides"), (spec.eval.task_map, "spec.eval.task_map")):
+        unknown = sorted(set(key) - set(spec.tasks))
+        if unknown:
+            raise ValueError(f"{label}: {unknown} are not among spec.tasks {spec.tasks}")
+    unknown = sorted(set(spec.eval.per_task) - set(spec.eval_tasks))
+    if unknown:
+        raise ValueError(f"spec.eval.per_task: {unknown} are not among the evaluation tasks {spec.eval_tasks}")
+    if len(set(spec.eval_tasks)) != len(spec.eval_tasks):
+        raise ValueError(f"spec: two training tasks map to the same evaluation task ({spec.eval_tasks})")
+    if spec.eval.mode not in ("generate", "loglik"):
+        raise ValueError(f"spec.eval.mode: {spec.eval.mode!r} is not allowed (allowed: generate, loglik)")
+    if isinstance(spec.recipe, str):
+        path = Path(spec.recipe)
+        recipe = read_yaml(path if path.is_absolute() or path.is_file() else base_dir / path)
+    elif isinstance(spec.recipe, dict):
+        recipe = spec.recipe
+    else:
+        raise ValueError(f"spec.recipe: expected a recipe path or mapping, got {spec.recipe!r}")
+    for label, overrides in spec.methods.items():
+        if not isinstance(overrides, dict):
+            raise ValueError(f"spec.methods.{label}: expected a mapping of recipe overrides, got {overrides!r}")
+        if "/" in label or not label:
+            raise ValueError(f"spec.methods: bad label {label!r}")
+        # validate every (method, task) recipe now, before hours of training
+        for task in spec.tasks:
+            try:
+                load_recipe(recipe_for(recipe, overrides, task, spec.seeds[0], Path("/tmp/x"), label,
+                                       spec.task_overrides.get(task)))
+            except ValueError as e:
+                raise ValueError(f"spec.methods.{label}: {e}") from None
+        for mlabel, m in spec.merges.items():
+            if m.only is not None and not set(m.only) <= set(spec.methods):
+                raise ValueError(f"spec.merges.{mlabel}.only: unknown method labels "
+                                 f"{sorted(set(m.only) - set(spec.methods))}")
+    return spec, recipe
+
+
+def recipe_for(base: dict, overrides: dict, task: str, seed: int, run_dir: Path, label: str,
+               task_overrides: dict | None = None) -> dict:
+    data = apply_overrides(apply_overrides(base, overrides), task_overrides or {})
+    return apply_overrides(data, {"name": f"{label}-{slug(task)}-s{seed}", "data.task": task,
+                                  "train.seed": seed, "output.dir": str(run_dir), "output.overwrite": False,
+                                  "output.resume": "auto"})
+
+
+def merge_applies(merge: MergeSpec, label: str, method_name: str) -> str | None:
+    """None if the merge applies to this adapter method, else the reason it does not."""
+    if merge.only is not None:
+        return None if label in merge.only else "not selected (only:)"
+    if merge.method in ("weight_average", "task_arithmetic", "ties", "dare", "knots") and method_name not in DELTA_OK:
+        return f"{method_name} has no ΔW = B·A factors"
+    if merge.method == "routed_union" and method_name not in UNION_OK:
+        return f"routed union does not support {method_name}"
+    return None
+
+
+# ----------------------------------------------------------------------------------- stages
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _eval_kwargs(spec: ExperimentSpec, data: dict) -> dict:
+    e = spec.eval
+    split = e.split or ("carved-test" if data.get("split") == "carved-train" else "test")
+    kw = dict(split=split, limit=e.limit, limit_seed=e.limit_seed, mode=e.mode, batch_size=e.batch_size,
+              bf16_autocast=e.bf16_autocast, carve_seed=data.get("carve_seed", 0),
+              carve_fraction=data.get("carve_fraction", 0.5), progress=False)
+    if e.max_new_tokens:
+        kw["max_new_tokens"] = e.max_new_tokens
+    return kw
+
+
+def _scores(report: dict) -> dict[str, float | None]:
+    """{task: score in points (100 × primary metric)}."""
+    return {r["task"]: None if r["score"] is None else 100.0 * r["score"] for r in report["results"]}
+
+
+def _evaluate(tasks: list[str], model_name: str, out_dir: Path, kwargs: dict, *, adapter: tuple | None = None,
+              union: str | None = None, full: str | None = None, per_task: dict | None = None) -> dict:
+    """Cached evaluation: out_dir/results.json. Tasks with their own settings (`per_task`) are
+    evaluated in their own call (out_dir/<task>/), then the reports are combined."""
+    cached = _json(out_dir / "results.json")
+    if cached is not None:
+        return cached
+    special = [t for t in tasks if (per_task or {}).get(t)]
+    if not special:
+        return _evaluate_once(tasks, model_name, out_dir, kwargs, adapter=adapter, union=union, full=full)
+    groups = [(t, {**kwargs, **per_task[t]}, out_dir / slug(t)) for t in special]
+    plain = [t for t in tasks if t not in special]
+    if plain:
+        groups.insert(0, (plain, kwargs, out_dir / "_plain"))
+    reports = [_evaluate_once(ts if isinstance(ts, list) else [ts], model_name, d, kw, adapter=adapter,
+                              union=union, full=full) for ts, kw, d in groups]
+    combined = dict(reports[0], results=[r for rep in reports for r in rep["results"]])
+    _write_json(out_dir / "results.json", combined)
+    return combined
+
+
+def _evaluate_once(tasks: list[str], model_name: str, out_dir: Path, kwargs: dict, *, adapter: tuple | None = None,
+                   union: str | None = None, full: str | None = None) -> dict:
+    from .evaluate import evaluate
+
+    cached = _json(out_dir / "results.json")
+    if cached is not None:
+        return cached
+    if union is not None:
+        from .merge.union import load_routed_union
+        from .models import load_model, load_tokenizer, resolve_model_path
+
+        path = resolve_model_path(model_name)
+        model = load_routed_union(load_model(path), union)
+        return evaluate(tasks, model, tokenizer=load_tokenizer(path), out_dir=out_dir, **kwargs)
+    if full is not None:
+        return evaluate(tasks, full, out_dir=out_dir, **kwargs)
+    return evaluate(tasks, model_name, [adapter] if adapter else [], out_dir=out_dir, **kwargs)
+
+
+def run_experiment(spec_source: str | os.PathLike | dict, overrides: list[str] | dict | None = None,
+                   *, progress: bool = True) -> dict:
+    """Run (or finish) the experiment; returns the results dict, also written to <out>/results.json.
+    Results are keyed by evaluation task (spec.eval.task_map maps training tasks to them)."""
+    from tqdm.auto import tqdm
+
+    from .train import load_run, train
+
+    spec, base_recipe = load_spec(spec_source, overrides)
+    if spec.threads:
+        from .models import set_threads
+
+        set_threads(spec.threads)
+    out = spec.out
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    timing = {"train_s": 0.0, "eval_s": 0.0, "merge_s": 0.0}  # merge_s includes the interference analysis
+    first = load_recipe(recipe_for(base_recipe, next(iter(spec.methods.values())), spec.tasks[0], spec.seeds[0],
+                                   out, "x", spec.task_overrides.get(spec.tasks[0])))
+    model_name = first.model.name_or_path
+    ekw = _eval_kwargs(spec, dataclasses.asdict(first.data))
+    etasks = spec.eval_tasks
+    results: dict = {
+        "flylora_results_version": RESULTS_VERSION, "name": spec.name, "description": spec.description,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"), "model": model_name,
+        "tasks": etasks, "train_tasks": spec.tasks, "seeds": spec.seeds, "methods": list(spec.methods),
+        "merges": list(spec.merges), "eval": {k: v for k, v in ekw.items() if k != "progress"},
+        "metric": {}, "base": {}, "single": {}, "merged": {}, "skipped": {}, "params": {}, "runs": {},
+        "analysis": {}, "sources": {}, "spec": _spec_dict(spec),
+    }
+    stages = len(spec.methods) * len(spec.seeds) * (len(spec.tasks) * 2 + len(spec.merges))
+    bar = tqdm(total=stages + int(spec.eval.include_base), desc=f"experiment {spec.name}", unit="stage",
+               disable=not progress)
+
+    def evaluate_(tasks, out_dir, **kw):
+        t0 = time.monotonic()
+        rep = _evaluate(tasks, model_name, out_dir, ekw, per_task=spec.eval.per_task, **kw)
+        timing["eval_s"] += time.monotonic() - t0
+        results["metric"].update({r["task"]: r["primary_metric"] for r in rep["results"]})
+        results["sources"].update({r["task"]: r["source"] for r in rep["results"]})
+        return _scores(rep)
+
+    if spec.eval.include_base:
+        results["base"] = evaluate_(etasks, out / "eval" / "base")
+        bar.update()
+
+    for label, method_overrides in spec.methods.items():
+        method_name = load_recipe(recipe_for(base_recipe, method_overrides, spec.tasks[0], 0, out, label,
+                                             spec.task_overrides.get(spec.tasks[0]))).method.name
+        results["single"][label] = {t: {} for t in etasks}
+        results["merged"][label] = {m: {t: {} for t in etasks} for m in spec.merges}
+        results["runs"][label] = {}
+        for seed in spec.seeds:
+            runs = {}
+            for task in spec.tasks:
+                run_dir = out / "train" / label / f"seed{seed}" / slug(task)
+                bar.set_postfix_str(f"train {label} {task} seed {seed}")
+                if not (run_dir / "run.json").is_file():
+                    t0 = time.monotonic()
+                    train(recipe_for(base_recipe, method_overrides, task, seed, run_dir, label,
+                                     spec.task_overrides.get(task)))
+                    timing["train_s"] += time.monotonic() - t0
+                runs[task] = run_dir
+                p = load_run(run_dir)["parameters"]
+                results["params"][label] = {k: p[k] for k in ("activated_pct", "trainable_pct", "activated", "trainable")}
+                bar.update()
+            results["runs"][label][str(seed)] = {t: str(p) for t, p in runs.items()}
+            for task in spec.tasks:  # each adapter on its own (evaluation) task
+                et = spec.eval_task(task)
+                bar.set_postfix_str(f"eval {label} {et} seed {seed}")
+                scores = evaluate_([et], out / "eval" / label / f"seed{seed}" / slug(et),
+                                   adapter=(label, str(runs[task] / "adapter")))
+                results["single"][label][et][str(seed)] = scores[et]
+                bar.update()
+            for mlabel, m in spec.merges.items():
+                bar.set_postfix_str(f"merge {label} {mlabel} seed {seed}")
+                reason = merge_applies(m, label, method_name)
+                if reason:
+                    results["skipped"].setdefault(label, {})[mlabel] = reason
+                    results["merged"][label].pop(mlabel, None)
+                    bar.update()
+                    continue
+                info = _merge_stage(spec, m, mlabel, label, seed, runs, method_name, timing)
+                edir = out / "eval_merged" / label / f"seed{seed}" / mlabel
+                mdir = out / "merge" / label / f"seed{seed}" / mlabel
+                kind = info["kind"]
+                scores = evaluate_(etasks, edir, adapter=("merged", str(mdir)) if kind == "adapter" else None,
+                                   union=str(mdir) if kind == "union" else None,
+                                   full=str(mdir) if kind == "full" else None)
+                if kind == "full" and not spec.keep_full_weights:
+                    for f in mdir.glob("*.safetensors"):
+                        f.unlink()  # big; merge.json (and the analysis) stay, and results.json is cached
+                for et, score in scores.items():
+                    results["merged"][label][mlabel][et][str(seed)] = score
+                if info.get("analysis"):
+                    results["analysis"].setdefault(label, {})[mlabel] = info["analysis"]
+                bar.update()
+    bar.close()
+    results["timing"] = {k: round(v, 1) for k, v in timing.items()} | {"total_s": round(time.monotonic() - start, 1)}
+    results["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+    _write_json(out / "results.json", results)
+    return results
+
+
+def _merge_stage(spec: ExperimentSpec, m: MergeSpec, mlabel: str, label: str, seed: int, runs: dict,
+                 method_name: str, timing: dict) -> dict:
+    """merge.json of this (method, seed, merge), merging unless a finished merge (or its cached
+    evaluation) is already on disk."""
+    from .merge.cli import merge_adapters
+
+    out = spec.out
+    mdir = out / "merge" / label / f"seed{seed}" / mlabel
+    evaluated = (out / "eval_merged" / label / f"seed{seed}" / mlabel / "results.json").is_file()
+    info = _json(mdir / "merge.json")
+    if info is not None and (evaluated or _artifact_present(mdir, info)):
+        return info
+    if mdir.exists():
+        shutil.rmtree(mdir)
+    wanted = spec.analysis is True or (isinstance(spec.analysis, list) and mlabel in spec.analysis)
+    t0 = time.monotonic()
+    info = merge_adapters([(spec.eval_task(t), str(runs[t])) for t in spec.tasks], m.method, mdir,
+                          weights=m.weights, density=m.density, majority=m.majority, seed=m.seed,
+                          dare_combine=m.dare_combine, knots_merge=m.knots_merge, output_format=m.format,
+                          rank=m.rank, legacy_form=m.legacy_form,
+                          analyze=bool(wanted) and seed == spec.seeds[0] and method_name in DELTA_OK,
+                          analysis_prompts=spec.analysis_prompts,
+                          tasks={spec.eval_task(t): spec.eval_task(t) for t in spec.tasks})
+    timing["merge_s"] += time.monotonic() - t0
+    return info
+
+
+def _artifact_present(mdir: Path, info: dict) -> bool:
+    if info.get("kind") == "full":
+        return any(mdir.glob("*.safetensors"))
+    return True
+
+
+def _spec_dict(spec: ExperimentSpec) -> dict:
+    d = dataclasses.asdict(spec)
+    d["merges"] = {k: dataclasses.asdict(v) for k, v in spec.merges.items()}
+    return d
+
+
+# ----------------------------------------------------------------------------------- summaries
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None with fewer than 2 values)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def merge_drops(results: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """{merge label: {method label: {task: mean(after) − mean(before)}}} in points."""
+    out: dict = {}
+    for label, merges in results["merged"].items():
+        for mlabel, per_task in merges.items():
+            for task, by_seed in per_task.items():
+                after, _ = mean_std(list(by_seed.values()))
+                before, _ = mean_std(list(results["single"][label][task].values()))
+                if after is not None and before is not None:
+                    out.setdefault(mlabel, {}).setdefault(label, {})[task] = after - before
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flylora.experiment", description=__doc__.splitlines()[0])
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--report", help="also write the report to this folder (default: the experiment folder)")
+    args = p.parse_args(argv)
+    from .report.tables import write_report
+
+    results = run_experiment(args.spec, args.overrides)
+    paths = write_report(results, Path(args.report) if args.report else load_spec(args.spec, args.overrides)[0].out)
+    print(Path(paths["markdown"]).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
