@@ -9,6 +9,7 @@ absolute CPU times say little outside this machine:
   adapter   bytes of `adapter_model.safetensors` written by `save_pretrained`
   bias      `update_routing_bias(model)` alone, as a share of the FlyLoRA step that contains it
   union     inference with T FlyLoRA task adapters active at once (`base_model.set_adapter([...])`)
+  tokens    (full run) peak training memory of FlyLoRA vs LoRA r8 at longer sequences
 
 Methods (all on the same 7 projections q,k,v,o,gate,up,down, dropout 0 for all so the comparison
 is of the methods, not of dropout masks): FlyLoRA r32/k8, PEFT LoRA r8 and r32, TopLoRA r8,
@@ -20,12 +21,17 @@ with no optimizer step.
 Timing method. Each model's methods are built once (sharing the frozen base weights, so memory
 stays small) and warmed up; then every repetition runs each method once, in a fresh random order,
 back to back. A ratio is taken *within* a repetition (method / reference, timed seconds apart) and
-the median over repetitions is reported with its IQR: another process loading the machine slows
-both sides of a pair, so paired ratios are far steadier than ratios of separate medians. Process
-CPU time over wall time is recorded per repetition as a contention check (≈ threads when idle).
+the median over repetitions is reported with its IQR: load that drifts during the run slows both
+sides of a pair, so paired ratios are far steadier than ratios of separate medians.
 
-Precision: fp32 weights under bf16 autocast by default (what `flylora demo` trains with on CPU;
-`--precision fp32` turns autocast off).
+Clock and threads. By default one torch thread, timed by that thread's CPU time
+(`time.thread_time`): what the step costs on a core of its own. The machine this was written on
+has 2 cores shared with other people's test runs; with 2 threads and wall time, every op's
+fork/join waits whenever the other core is taken, which inflates op-heavy methods (many small
+adapter ops) more than GEMM-heavy ones and biased ratios by up to ~40% in our runs, with IQRs of
+±20%. The single-thread CPU clock gave IQRs of about ±2% under the same load. `--threads N`
+(N > 1) times with the wall clock instead; use it on an idle machine. Process CPU time over
+wall time is recorded per repetition as a contention check (about 1 per thread when idle).
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -121,7 +127,7 @@ class Runner:
     autocast: bool
     opt: Optional[torch.optim.Optimizer] = None
     routed: bool = False
-    times: dict = field(default_factory=dict)
+    clock: str = "wall"  # the clock the bias update is timed with: the one the step is timed with
 
     def _ctx(self):
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast)
@@ -142,9 +148,10 @@ class Runner:
             self.opt.zero_grad(set_to_none=True)
         if not self.routed:
             return 0.0
-        t = time.perf_counter()
+        tick = _clock(self.clock)
+        t = tick()
         update_routing_bias(self.model)
-        return time.perf_counter() - t
+        return tick() - t
 
     @torch.no_grad()
     def infer(self) -> None:
@@ -211,7 +218,7 @@ def _interleaved(calls: dict[str, Callable[[], float]], reps: tuple[int, int], b
     call, and each repetition's CPU time over wall time (contention check). `prepare[name]()`, if
     given, runs untimed before that name's calls."""
     rng, tick = random.Random(seed), _clock(clock)
-    wall = {k: [] for k in calls}
+    secs = {k: [] for k in calls}
     extra = {k: [] for k in calls}
     util = []
     names = list(calls)
@@ -225,10 +232,10 @@ def _interleaved(calls: dict[str, Callable[[], float]], reps: tuple[int, int], b
             t0, x = tick(), 0.0
             for _ in range(inner):
                 x += calls[k]() or 0.0
-            wall[k].append((tick() - t0) / inner)
+            secs[k].append((tick() - t0) / inner)
             extra[k].append(x / inner)
         util.append((time.process_time() - c0) / max(time.perf_counter() - w0, 1e-9))
-    return wall, extra, util
+    return secs, extra, util
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -348,6 +355,10 @@ class Plan:
     clock: str
     threads: int
     autocast: bool
+    memory_seqs: dict = None  # model name -> longer sequence lengths for a memory-only sweep
+
+    def __post_init__(self):
+        self.memory_seqs = self.memory_seqs or {}
 
 
 def bench_model(spec: ModelSpec, methods: list[str], plan: Plan, union: bool, log) -> dict:
@@ -356,6 +367,8 @@ def bench_model(spec: ModelSpec, methods: list[str], plan: Plan, union: bool, lo
     torch.set_num_threads(threads)
     clock = plan.clock if threads == 1 else "wall"  # a thread's CPU time misses its helpers' work
     runners, base = build_runners(spec, methods, plan.autocast)
+    for r in runners.values():
+        r.clock = clock
     n_params = sum(p.numel() for p in base.parameters())
     log(f"[{spec.name}] {spec.describe}; {n_params / 1e6:.1f} M params; batch {spec.batch} × seq {spec.seq}; "
         f"{threads} thread(s), {clock} clock; methods built in {time.perf_counter() - t_model:.1f} s")  # fmt: skip
@@ -411,9 +424,36 @@ def bench_model(spec: ModelSpec, methods: list[str], plan: Plan, union: bool, lo
 
     if union and FLY in methods:
         out["routed_union"] = bench_union(spec, base, plan, clock, log)
+    if plan.memory_seqs.get(spec.name) and FLY in methods:
+        out["memory_vs_tokens"] = memory_vs_tokens(spec, plan, plan.memory_seqs[spec.name], log)
     out["wall_s"] = time.perf_counter() - t_model
     log(f"[{spec.name}] done in {out['wall_s']:.0f} s")
     return out
+
+
+def memory_vs_tokens(spec: ModelSpec, plan: Plan, seqs: tuple[int, ...], log) -> dict:
+    """Peak training memory of FlyLoRA, LoRA r8 and the frozen base at longer sequences (memory
+    only: one warm-up step for the optimizer state, then one profiled step). FlyLoRA keeps two
+    (tokens, r) tensors per layer for backward where LoRA keeps its layer input x (tokens, n),
+    but FlyLoRA has twice LoRA r8's trainable parameters (Adam state): the balance moves with
+    the number of tokens per step, which the timing batch alone does not show."""
+    res = {}
+    for seq in seqs:
+        sized = ModelSpec(spec.name, spec.describe, spec.build, spec.batch, seq, spec.threads)
+        runners, _ = build_runners(sized, [FLOOR, REF_STEP, FLY], plan.autocast)
+        for r in runners.values():
+            r.train_step()
+        mem = peak_step_memory(runners)
+        tokens = spec.batch * seq
+        res[str(tokens)] = {
+            "seq": seq, "memory": mem,
+            "flylora_peak_ratio_vs_lora_r8": mem[FLY]["peak_bytes"] / mem[REF_STEP]["peak_bytes"],
+            "flylora_increment_ratio_vs_lora_r8": mem[FLY]["step_increment_bytes"] / mem[REF_STEP]["step_increment_bytes"],
+        }  # fmt: skip
+        log(f"[{spec.name}] memory at {tokens} tokens: FlyLoRA / LoRA r8 peak "
+            f"{res[str(tokens)]['flylora_peak_ratio_vs_lora_r8']:.3f}")  # fmt: skip
+        del runners
+    return res
 
 
 def bench_union(spec: ModelSpec, base: torch.nn.Module, plan: Plan, clock: str, log) -> dict:
@@ -576,6 +616,12 @@ def format_tables(result: dict) -> str:
             b = fly["bias_update_share_of_step"]
             lines.append(f"routing-bias update: {fly['bias_update_s']['median'] * 1e6:.0f} µs = "
                          f"{b['median']:.3%} of a FlyLoRA step [IQR {b['q1']:.3%}–{b['q3']:.3%}]")  # fmt: skip
+        mt = mres.get("memory_vs_tokens")
+        if mt:
+            lines.append("peak training memory at more tokens per step, FlyLoRA ×lora_r8: " + ", ".join(
+                f"{tok} tokens: {v['flylora_peak_ratio_vs_lora_r8']:.3f} "
+                f"({v['memory'][FLY]['peak_bytes'] / 2**20:.0f} vs {v['memory'][REF_STEP]['peak_bytes'] / 2**20:.0f} MB)"
+                for tok, v in mt.items()))  # fmt: skip
         u = mres.get("routed_union")
         if u:
             lines.append("routed union (T FlyLoRA task adapters active), inference ×frozen base: " + ", ".join(
@@ -584,7 +630,8 @@ def format_tables(result: dict) -> str:
                          for t in u["tasks"]) + f"; line fit R² {u['linear_fit']['r2']:.3f}")  # fmt: skip
     h = result.get("headline")
     if h:
-        lines.append(f"\n## targets (model: {h['headline_model']})")
+        note = "" if h["headline_model"] == "mid" else "; the targets are set for the mid-size model, shown for reference"
+        lines.append(f"\n## targets (model: {h['headline_model']}{note})")
         for k, t in h["targets"].items():
             lines.append(f"  {'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.4g}")
     return "\n".join(lines)
@@ -592,11 +639,11 @@ def format_tables(result: dict) -> str:
 
 # ---------------------------------------------------------------- CLI
 
-#: mode -> (models, (min, max) repetitions, per-phase budget in seconds)
+#: mode -> (models, (min, max) repetitions, per-phase budget in seconds, memory-only sweeps)
 MODES = {
-    "smoke": (["tiny"], (2, 2), 0.0),
-    "quick": (["tiny", "mid"], (5, 20), 20.0),
-    "full": (["tiny", "mid", "smollm2"], (10, 40), 60.0),
+    "smoke": (["tiny"], (2, 2), 0.0, {}),
+    "quick": (["tiny", "mid"], (5, 20), 20.0, {}),
+    "full": (["tiny", "mid", "smollm2"], (10, 40), 60.0, {"mid": (512, 1024), "smollm2": (512,)}),
 }
 
 
@@ -628,7 +675,7 @@ def run(args) -> int:
 
 def _run(args, t0: float) -> int:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    models, reps, budget = MODES[mode]
+    models, reps, budget, memory_seqs = MODES[mode]
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         unknown = sorted(set(models) - set(MODELS))
@@ -640,7 +687,7 @@ def _run(args, t0: float) -> int:
         reps, budget = (args.reps, args.reps), 0.0
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads}: must be >= 1")
-    plan = Plan(reps, budget, args.clock, args.threads, args.precision == "bf16")
+    plan = Plan(reps, budget, args.clock, args.threads, args.precision == "bf16", memory_seqs)
     json_path = args.json or ("benchmarks/bench.json" if mode == "full" else None)
 
     def log(msg):
@@ -657,6 +704,7 @@ def _run(args, t0: float) -> int:
         "machine": machine_info(args.threads),
         "settings": {"mode": mode, "precision": "fp32 weights, bf16 autocast" if plan.autocast else "fp32",
                      "reps_min_max": list(reps), "phase_budget_s": budget, "clock": args.clock,
+                     "memory_sweep_seqs": memory_seqs,
                      "methods": methods, "union_tasks": list(UNION_TASKS)},
         "models": {},
     }  # fmt: skip

@@ -412,7 +412,7 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
             "name": recipe.name,
             "started": started,
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
-            "wall_s": round(time.monotonic() - start, 2),
+            "wall_s": round(time.monotonic() - start, 2),  # of this invocation (a resumed run: the rest only)
             "run_dir": str(run_dir),
             "adapter": "adapter",
             "recipe": recipe.to_dict(),
@@ -425,7 +425,7 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
                       "carve": recipe.data.carve_seed if data.split.startswith("carved") else None},
             "data": {"task": recipe.data.task, "split": data.split, "source": data.source, "notes": data.notes,
                      "examples": len(dataset), "tokens": sum(len(r["input_ids"]) for r in dataset.rows)},
-            "parameters": {k: v for k, v in counts.items() if k != "by_tensor"} | {"by_tensor": counts.get("by_tensor")},
+            "parameters": dict(counts),  # trainable / activated / stored / total / base, *_pct, by_tensor
             "versions": package_versions(),
             "train": {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
                       "total_steps": total_steps, "train_loss_mean": out.training_loss,

@@ -13,8 +13,8 @@ every adapter path out of the gradient to earlier layers; we do not).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
+import math
 
 import torch
 from torch import nn
@@ -90,9 +90,27 @@ def _matmul_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-@functools.lru_cache(maxsize=64)
+# (significand bits, min normal exponent, max exponent) of the float formats a layer may run in
+_FORMATS = {
+    torch.float64: (53, -1022, 1023),
+    torch.float32: (24, -126, 127),
+    torch.bfloat16: (8, -126, 127),
+    torch.float16: (11, -14, 15),
+}
+
+
 def _exact_in(scale: float, dtype: torch.dtype) -> bool:
-    return float(torch.tensor(scale, dtype=dtype)) == scale
+    """Whether `scale` is exactly representable in `dtype`. Plain float arithmetic (no tensor and
+    no .item()), so torch.compile traces it as a constant instead of breaking the graph."""
+    fmt = _FORMATS.get(dtype)
+    if fmt is None or not math.isfinite(scale):
+        return False
+    if scale == 0:
+        return True
+    bits, emin, emax = fmt
+    mant, exp = math.frexp(scale)  # scale = mant·2^exp, 0.5 <= |mant| < 1
+    scaled = mant * 2.0**bits
+    return scaled == int(scaled) and emin <= exp - 1 <= emax
 
 
 def routed_delta(

@@ -216,7 +216,7 @@ def _plot_cross_projection(summary: dict, path: Path) -> None:
     fig = Figure(figsize=(max(4.0, 0.05 * len(mods) + 3), 3.2))
     ax = fig.add_subplot()
     ax.plot(range(len(mods)), meas, ".", label="measured ‖A_i A_jᵀ‖_F (mean over pairs)")
-    ax.plot(range(len(mods)), pred, "-", label="Thm 3.4 prediction p/(r√n)")
+    ax.plot(range(len(mods)), pred, "_", markersize=12, label="Thm 3.4 prediction p/(r√n)")
     ax.set_xlabel("adapted module (model order)")
     ax.set_ylabel("Frobenius norm")
     ax.legend(fontsize=7, frameon=False)
