@@ -26,10 +26,10 @@ class Case:
 MLP_TARGETS = {"target_modules": ["lin0", "lin1"]}
 
 CASES = [
-    Case("flylora-mlp-r8k2", "mlp", flylora.FlyLoraConfig, {"r": 8, "k": 2, "lora_alpha": 16, **MLP_TARGETS}, ("flylora_B",)),
-    Case("flylora-mlp-abs", "mlp", flylora.FlyLoraConfig, {"r": 8, "k": 3, "topk_on": "abs", **MLP_TARGETS}, ("flylora_B",)),
-    Case("flylora-mlp-sparsity", "mlp", flylora.FlyLoraConfig, {"r": 4, "k": 1, "sparsity": 0.5, **MLP_TARGETS}, ("flylora_B",)),
-    Case("flylora-mlp-k=r", "mlp", flylora.FlyLoraConfig, {"r": 4, "k": 4, **MLP_TARGETS}, ("flylora_B",), mergeable=True),
+    Case("flylora-mlp-r8k2", "mlp", flylora.FlyLoraConfig, {"r": 8, "k": 2, "lora_alpha": 16, "projection_seed": 11, **MLP_TARGETS}, ("flylora_B",)),
+    Case("flylora-mlp-abs", "mlp", flylora.FlyLoraConfig, {"r": 8, "k": 3, "topk_on": "abs", "projection_seed": 12, **MLP_TARGETS}, ("flylora_B",)),
+    Case("flylora-mlp-sparsity", "mlp", flylora.FlyLoraConfig, {"r": 4, "k": 1, "sparsity": 0.5, "projection_seed": 13, **MLP_TARGETS}, ("flylora_B",)),
+    Case("flylora-mlp-k=r", "mlp", flylora.FlyLoraConfig, {"r": 4, "k": 4, "lora_alpha": 8, "projection_seed": 14, **MLP_TARGETS}, ("flylora_B",), mergeable=True),
     Case("flylora-llama-r8k2", "llama", flylora.FlyLoraConfig, {"r": 8, "k": 2, "lora_alpha": 16, "projection_seed": 1}, ("flylora_B",)),
     Case("flylora-llama-saveA", "llama", flylora.FlyLoraConfig, {"r": 16, "k": 4, "lora_alpha": 32, "save_projection": True, "projection_seed": 2}, ("flylora_B",)),
     Case("flylora-llama-k=r", "llama", flylora.FlyLoraConfig, {"r": 4, "k": 4, "lora_alpha": 8, "sparsity": 1.0, "projection_seed": 3}, ("flylora_B",), mergeable=True),
@@ -51,6 +51,6 @@ CASES += [
     Case("splitlora-llama-k2", "llama", flylora.SplitLoraConfig, {"r": 8, "num_experts": 4, "top_k": 2, "lora_alpha": 16}, SPLIT_T),
     Case("hydralora-mlp", "mlp", flylora.HydraLoraConfig, {"r": 4, "num_heads": 3, **MLP_TARGETS}, HYDRA_T),
     Case("hydralora-llama", "llama", flylora.HydraLoraConfig, {"r": 4, "num_heads": 2}, HYDRA_T),
-    Case("lorafa-mlp", "mlp", flylora.LoraFaConfig, {"r": 4, "lora_alpha": 8, **MLP_TARGETS}, ("flylora_B",), mergeable=True),
+    Case("lorafa-mlp", "mlp", flylora.LoraFaConfig, {"r": 4, "lora_alpha": 8, "projection_seed": 15, **MLP_TARGETS}, ("flylora_B",), mergeable=True),
     Case("lorafa-llama-saveA", "llama", flylora.LoraFaConfig, {"r": 4, "lora_alpha": 8, "save_projection": True}, ("flylora_B",), mergeable=True),
 ]

@@ -28,8 +28,9 @@ Clock and threads. By default one torch thread, timed by that thread's CPU time
 (`time.thread_time`): what the step costs on a core of its own. The machine this was written on
 has 2 cores shared with other people's test runs; with 2 threads and wall time, every op's
 fork/join waits whenever the other core is taken, which inflates op-heavy methods (many small
-adapter ops) more than GEMM-heavy ones and biased ratios by up to ~40% in our runs, with IQRs of
-±20%. The single-thread CPU clock gave IQRs of about ±2% under the same load. `--threads N`
+adapter ops) more than GEMM-heavy ones: it biased ratios by up to ~40% in our runs, with IQRs of
+tens of percent. The single-thread CPU clock gave IQRs of a few percent under the same load
+(benchmarks/RESULTS.md has both). `--threads N`
 (N > 1) times with the wall clock instead; use it on an idle machine. Process CPU time over
 wall time is recorded per repetition as a contention check (about 1 per thread when idle).
 """

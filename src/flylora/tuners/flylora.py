@@ -74,17 +74,18 @@ class _RoutingContext:
     def __init__(self) -> None:
         self.token_mask: Optional[torch.Tensor] = None
         self.pending_layers: dict[int, "FlyLoraLayer"] = {}
-        self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weights: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def token_weights(self, device: torch.device, repeat: int) -> torch.Tensor:
         """The current token mask as flat fp32 weights, each repeated `repeat` times (once per
-        chosen expert), made once per forward and device instead of once per layer."""
+        chosen expert), made once per forward and device instead of once per layer. Keyed on the
+        mask object and its version counter, so a mask edited in place is converted again."""
         mask, key = self.token_mask, (device, repeat)
         hit = self._weights.get(key)
-        if hit is None or hit[0] is not mask:
+        if hit is None or hit[0] is not mask or hit[1] != mask._version:
             w = mask.to(device=device, dtype=torch.float32).reshape(-1, 1).expand(-1, repeat).reshape(-1)
-            hit = self._weights[key] = (mask, w)
-        return hit[1]
+            hit = self._weights[key] = (mask, mask._version, w)
+        return hit[2]
 
 
 class FlyLoraLayer(AdapterLinear):
