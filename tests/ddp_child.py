@@ -1,6 +1,7 @@
 """2-process gloo DDP run (spawned by test_flylora.py): each rank trains FlyLoRA on its half of a
 batch; writes its B's and routing biases. With `single`, one process trains on the whole batch,
 which DDP with gradient averaging and all-reduced counts must reproduce."""
+import datetime
 import os
 import sys
 
@@ -46,9 +47,11 @@ def snapshot(model):
     return {n: t.detach().clone() for n, t in model.state_dict().items() if "flylora_B" in n or "flylora_bias" in n}
 
 
-def worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank, world, out_dir):
+    # file rendezvous: no TCP port to pick (a port freed by one test and taken by another's
+    # torchrun left this run waiting); a timeout turns any other hang into a failure
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{out_dir}/rendezvous",
+                            timeout=datetime.timedelta(seconds=120))
     model = build()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     ids, mask = batch()
@@ -74,4 +77,4 @@ if __name__ == "__main__":
             flylora.update_routing_bias(model)
         torch.save(snapshot(model), os.path.join(out_dir, "single.pt"))
     else:
-        mp.spawn(worker, args=(2, int(sys.argv[3]), out_dir), nprocs=2, join=True)
+        mp.spawn(worker, args=(2, out_dir), nprocs=2, join=True)

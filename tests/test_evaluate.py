@@ -207,3 +207,35 @@ def test_flylora_adapter_loads_and_changes_outputs(tiny_path, tmp_path):
     base, fly = ([json.loads(x)["logprobs"] for x in open(tmp_path / "out" / "outputs" / f"{label}__mmlu.jsonl")]
                  for label in ("base", "fly"))
     assert base != fly
+
+
+def test_shared_context_loglik_equals_direct_forwards(tiny):
+    """Choices that share a context reuse its KV cache (left-padded, explicit positions); each
+    result must still equal Σ log p(cont_t | ctx, cont_<t) from one plain forward of ctx + cont,
+    with groups of different sizes, contexts of different lengths and one-token continuations."""
+    from peft import get_peft_model
+
+    from flylora.tuners import FlyLoraConfig
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    routed = get_peft_model(model, FlyLoraConfig(r=8, k=2, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  projection_seed=3)).eval()
+    for layer in routed.modules():
+        if hasattr(layer, "lora_B"):
+            for b in layer.lora_B.values():
+                torch.nn.init.normal_(b.weight, std=0.2)  # a routed adapter that changes the outputs
+    questions = [("Q: which is red?\nA:", [" apple", " the sky at noon", " x"]),
+                 ("A longer question, with many more words in it than the others?\nAnswer:", [" yes", " no"]),
+                 ("Short", [" one", " two three four five", " six", " seven eight"])]
+    requests = [(q, c) for q, cs in questions for c in cs]
+    for m in (model, routed):
+        got = loglikelihoods(m, tok, requests, batch_size=2, progress=False)
+        for (ctx, cont), (lp, n) in zip(requests, got):
+            ids = tok(ctx + cont)["input_ids"]
+            n_ctx = len(tok(ctx)["input_ids"])
+            with torch.no_grad():
+                logp = m(input_ids=torch.tensor([ids])).logits.log_softmax(-1)[0]
+            expected = sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids)))
+            assert n == len(ids) - n_ctx and lp == pytest.approx(expected, abs=1e-4)
+    routed.unload()

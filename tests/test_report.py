@@ -19,7 +19,8 @@ def hand_results() -> dict:
         "methods": ["flylora", "lora_r8"], "merges": ["weight_average", "routed_union"],
         "eval": {"split": "carved-test", "limit": 10, "mode": "loglik"}, "metric": {"a": "accuracy", "b": "accuracy"},
         "base": {"a": 25.0, "b": 50.0},
-        "params": {"flylora": {"activated_pct": 0.1372}, "lora_r8": {"activated_pct": 0.2612}},
+        "params": {"flylora": {"activated_pct": 0.1372, "trainable_pct": 0.5484},
+                   "lora_r8": {"activated_pct": 0.2612, "trainable_pct": 0.2612}},
         "single": {"flylora": {"a": {"0": 40.0, "1": 42.0}, "b": {"0": 60.0, "1": 60.0}},
                    "lora_r8": {"a": {"0": 38.0, "1": 40.0}, "b": {"0": 58.0, "1": 62.0}}},
         "merged": {"flylora": {"weight_average": {"a": {"0": 30.0, "1": 32.0}, "b": {"0": 55.0, "1": 59.0}},
@@ -36,10 +37,10 @@ def test_tables_follow_the_paper_layout_with_hand_computed_cells():
     assert mean_std([40.0, 42.0]) == (41.0, pytest.approx(2 ** 0.5))  # sample std, n − 1
     assert mean_std([5.0]) == (5.0, None) and mean_std([]) == (None, None)
     t1 = table1(hand_results()).splitlines()
-    assert t1[0] == "| Method | Param(%) | a | b |"
-    assert t1[2] == "| base model (no adapter) | – | 25.00 | 50.00 |"
-    assert t1[3] == "| flylora | 0.14 | 41.00 ± 1.41 | 60.00 ± 0.00 |"
-    assert t1[4] == "| lora_r8 | 0.26 | 39.00 ± 1.41 | 60.00 ± 2.83 |"
+    assert t1[0] == "| Method | Trainable(%) | Param(%) | a | b |"
+    assert t1[2] == "| base model (no adapter) | – | – | 25.00 | 50.00 |"
+    assert t1[3] == "| flylora | 0.55 | 0.14 | 41.00 ± 1.41 | 60.00 ± 0.00 |"
+    assert t1[4] == "| lora_r8 | 0.26 | 0.26 | 39.00 ± 1.41 | 60.00 ± 2.83 |"
     t2 = table2(hand_results())
     assert "| flylora | 31.00 ± 1.41 (-10.00) | 57.00 ± 2.83 (-3.00) |" in t2
     assert "| lora_r8 | 20.00 ± 0.00 (-19.00) | 52.00 ± 2.83 (-8.00) |" in t2
@@ -61,7 +62,7 @@ def test_report_cli_writes_markdown_and_plots(tmp_path, capsys):
     assert "Not applicable: lora_r8 × routed_union: not selected (only:)" in md
     for png in ("merge_drops.png", "merge_drops_weight_average.png", "merge_drops_routed_union.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG
-    assert "| flylora | 0.14 | 41.00 ± 1.41 |" in capsys.readouterr().out
+    assert "| flylora | 0.55 | 0.14 | 41.00 ± 1.41 |" in capsys.readouterr().out
 
 
 def test_report_errors_are_one_line(tmp_path, capsys):

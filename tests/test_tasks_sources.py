@@ -238,3 +238,35 @@ def test_unreachable_hub_counts_as_offline(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
     assert sources.hub_online() is False
     assert sources.load_hub(sources.Hub("nyu-mll/glue", "cola", "train")) is None
+
+
+CLOZE_SIBLINGS = {"arc_e": "commonsense:arc_e", "arc_c": "commonsense:arc_c", "obqa": "commonsense:obqa",
+                  "piqa": "commonsense:piqa", "siqa": "commonsense:siqa", "csqa": "qa:csqa",
+                  "sst2": "glue:sst2", "boolq": "commonsense:boolq"}
+
+
+@pytest.mark.parametrize("key", sorted(CLOZE_SIBLINGS))
+def test_cloze_tasks_read_the_same_rows_as_their_label_format_siblings(key):
+    """cloze:* scores the option text after "Question: ...\\nAnswer:" (lm-eval's formulation);
+    same shipped rows, same gold answers, same stratified carve as the label-format task."""
+    task, sibling = get_task(f"cloze:{key}"), get_task(CLOZE_SIBLINGS[key])
+    rows = task.load("test").rows
+    assert len(rows) == SHIPPED[CLOZE_SIBLINGS[key]]
+    flip = key == "boolq"  # cloze options (no, yes) vs the sibling's (true, false)
+    assert [1 - r["answer"] if flip else r["answer"] for r in rows] == [r["answer"] for r in sibling.load("test").rows]
+    ex = rows[0]
+    prompt, (conts, gold) = task.build_prompt(ex), task.loglik_choices(ex)
+    assert prompt.endswith("\nAnswer:") and "Question: " in prompt
+    assert conts[gold] == task.target(ex) == " " + ex["choices"][ex["answer"]]
+    assert task.predict(conts[gold].strip() + ".\nQuestion: next", ex) == gold
+    assert task.predict("something else", ex) is None
+
+
+def test_cloze_prompts():
+    sst = get_task("cloze:sst2").load("test", limit=1).rows[0]
+    assert get_task("cloze:sst2").build_prompt(sst) == (
+        f"{sst['question']}\nQuestion: Is this sentence positive or negative?\nAnswer:")
+    boolq = get_task("cloze:boolq").load("test", limit=1).rows[0]
+    assert get_task("cloze:boolq").build_prompt(boolq) == f"{boolq['context']}\nQuestion: {boolq['question']}\nAnswer:"
+    arc = get_task("cloze:arc_c").load("test", limit=1).rows[0]
+    assert get_task("cloze:arc_c").build_prompt(arc).startswith("Question: An astronomer")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -204,12 +203,6 @@ def test_kill_and_resume_reaches_the_uninterrupted_adapter(model_dir, tmp_path):
     assert any(t.abs().sum() > 0 for k, t in tb.items() if k.endswith("flylora_bias"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_gloo_ddp_ends_with_identical_adapters(model_dir, tmp_path):
     run_dir = tmp_path / "ddp"
@@ -218,8 +211,8 @@ def test_two_process_gloo_ddp_ends_with_identical_adapters(model_dir, tmp_path):
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    # --standalone: the agent binds its own free rendezvous port (no pick-then-release race)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "flylora", "train", str(path)],
                           capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

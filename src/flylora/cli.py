@@ -8,7 +8,7 @@ import sys
 
 # command name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("flylora.demo", "the main job: a short real FlyLoRA experiment on the embedded default model"),
+    "demo": ("flylora.demo", "the main job: the multi-task FlyLoRA vs LoRA experiment (train, merge, report) on CPU"),
     "eval": ("flylora.evaluate", "evaluate a model (+ adapters) on tasks"),
     "train": ("flylora.train", "train an adapter from a YAML recipe"),
     "merge": ("flylora.merge.cli", "merge task adapters (exact in delta-W space)"),

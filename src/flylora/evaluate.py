@@ -133,11 +133,17 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
     """(sum of log p(continuation tokens | context), number of continuation tokens) per request.
 
     As lm-eval: trailing spaces of the context move to the continuation; the continuation's
-    tokens are those of tokenize(context + continuation) after the first len(tokenize(context))."""
+    tokens are those of tokenize(context + continuation) after the first len(tokenize(context)).
+
+    Requests whose context tokens are identical (the k choices of one question) share one forward
+    of the context: `batch_size` contexts run left-padded with explicit position ids and a KV cache,
+    then every continuation runs on its own copy of its context's cache. The numbers are those of
+    one forward of context + continuation (tests check it), at about 1/k of the context's cost.
+    """
     import torch
     from tqdm import tqdm
 
-    items = []
+    items: list[tuple[tuple[int, ...], list[int]]] = []  # (context tokens, continuation tokens)
     for ctx, cont in requests:
         n = len(ctx) - len(ctx.rstrip(" "))
         if n:
@@ -146,28 +152,49 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
         w = tokenizer(ctx + cont, add_special_tokens=add_special_tokens)["input_ids"]
         if not c or len(w) <= len(c):
             raise ValueError(f"empty context or continuation in log-likelihood request {cont!r}")
-        items.append((w, len(c)))
+        items.append((tuple(w[:len(c)]), w[len(c):]))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx_ids, _) in enumerate(items):
+        groups.setdefault(ctx_ids, []).append(i)
+    contexts = sorted(groups, key=len, reverse=True)  # long first: an out-of-memory shows early
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[tuple[float, int]] = [(0.0, 0)] * len(items)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        width = max(len(items[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):  # right padding: positions stay 0..len-1
-            seq = items[i][0]
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
+    batches = [contexts[i:i + batch_size] for i in range(0, len(contexts), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, ctx_ids in enumerate(batch):  # left padding: every context ends at the last column
+            ids[r, width - len(ctx_ids):] = torch.tensor(ctx_ids)
+            mask[r, width - len(ctx_ids):] = 1
+        rows = [(r, i) for r, ctx_ids in enumerate(batch) for i in groups[ctx_ids]]
+        select = torch.tensor([r for r, _ in rows])
+        conts = [items[i][1] for _, i in rows]
         with torch.inference_mode(), autocast(device, bf16_autocast):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for r, i in enumerate(idx):
-            seq, n_ctx = items[i]
-            target = torch.tensor(seq[n_ctx:])
-            lp = logp[r, n_ctx - 1:len(seq) - 1].gather(1, target[:, None]).sum().item()
-            out[i] = (lp, len(seq) - n_ctx)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                        use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(res.logits[:, -1].float(), dim=-1).cpu()  # (contexts, vocab)
+            rest = None
+            tail = max(map(len, conts)) - 1  # continuation tokens after the first are predicted here
+            if tail > 0:
+                cache = res.past_key_values
+                cache.batch_select_indices(select.to(device))  # one copy of the context per request
+                cids = torch.full((len(rows), tail), pad, dtype=torch.long)
+                cmask = torch.zeros((len(rows), tail), dtype=torch.long)
+                for j, cont in enumerate(conts):  # right padding after the context
+                    cids[j, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                    cmask[j, :len(cont) - 1] = 1
+                cpos = mask.sum(-1)[select, None] + torch.arange(tail)
+                logits = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[select], cmask], 1).to(device),
+                               position_ids=cpos.to(device), past_key_values=cache, use_cache=True).logits
+                rest = torch.log_softmax(logits.float(), dim=-1).cpu()  # (requests, tail, vocab)
+        for j, ((r, i), cont) in enumerate(zip(rows, conts)):
+            lp = first[r, cont[0]].item()
+            if len(cont) > 1:
+                lp += rest[j, :len(cont) - 1].gather(1, torch.tensor(cont[1:])[:, None]).sum().item()
+            out[i] = (lp, len(cont))
     return out
 
 

@@ -2,7 +2,7 @@
 own task, merge them, evaluate the merge on every task; results.json for `flylora report`.
 
     from flylora.experiment import run_experiment
-    results = run_experiment("recipes/cpu/experiment_smollm2.yaml")    # or a dict
+    results = run_experiment("recipes/cpu/experiment_smollm2.yaml")    # or a dict (flylora.demo.demo_spec())
     # -> <output_dir>/results.json; then flylora.report.write_report(results, out_dir)
 
 CLI: `flylora report --experiment SPEC.yaml [key=value ...]` (runs, then writes the report), or
@@ -214,6 +214,10 @@ def _eval_kwargs(spec: ExperimentSpec, data: dict) -> dict:
     kw = dict(split=split, limit=e.limit, limit_seed=e.limit_seed, mode=e.mode, batch_size=e.batch_size,
               bf16_autocast=e.bf16_autocast, carve_seed=data.get("carve_seed", 0),
               carve_fraction=data.get("carve_fraction", 0.5), progress=False)
+    if data.get("template"):  # evaluate on the prompt the adapters were trained on
+        kw["template"] = data["template"]
+    if data.get("chat_template"):
+        kw["chat"] = True
     if e.max_new_tokens:
         kw["max_new_tokens"] = e.max_new_tokens
     return kw

@@ -44,6 +44,7 @@ class AdapterInput:
     train_split: str | None = None
     carve_seed: int = 0
     carve_fraction: float = 0.5
+    template: str | None = None  # the prompt template it was trained with (None: the task's own)
 
     @property
     def peft_type(self) -> str:
@@ -82,7 +83,8 @@ def resolve_inputs(specs: Sequence[str | tuple[str, str]], tasks: dict[str, str]
         data = (run or {}).get("recipe", {}).get("data", {})
         out.append(AdapterInput(name=name, adapter=str(p), config=config, task=task,
                                 train_split=(run or {}).get("data", {}).get("split"),
-                                carve_seed=data.get("carve_seed", 0), carve_fraction=data.get("carve_fraction", 0.5)))
+                                carve_seed=data.get("carve_seed", 0), carve_fraction=data.get("carve_fraction", 0.5),
+                                template=data.get("template")))
     names = [a.name for a in out]
     if len(set(names)) != len(names):
         raise ValueError(f"merge inputs need distinct names, got {names}; use name=path")
@@ -149,7 +151,7 @@ def eval_prompts(inp: AdapterInput, n: int, tokenizer=None) -> list[str]:
 
     task = get_task(inp.task)
     data = task.load(inp.eval_split, limit=n, seed=inp.carve_seed, train_fraction=inp.carve_fraction)
-    return [task.build_prompt(ex) for ex in data.rows]
+    return [task.build_prompt(ex, inp.template) for ex in data.rows]
 
 
 @torch.no_grad()

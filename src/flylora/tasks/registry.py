@@ -8,20 +8,20 @@ from .base import Task
 
 @lru_cache(maxsize=None)
 def _tasks() -> dict[str, Task]:
-    from . import code, glue, gsm8k, llm_adapters, mmlu, qa, scienceqa
+    from . import cloze, code, glue, gsm8k, llm_adapters, mmlu, qa, scienceqa
 
     tasks: list[Task] = [mmlu.MMLU(), scienceqa.ScienceQA(), gsm8k.GSM8K(), code.CodeAlpaca(),
                          code.HumanEval()]
-    tasks += llm_adapters.build_tasks() + glue.build_tasks() + qa.build_tasks()
+    tasks += llm_adapters.build_tasks() + glue.build_tasks() + qa.build_tasks() + cloze.build_tasks()
     return {t.name: t for t in tasks}
 
 
 def groups() -> dict[str, list[str]]:
-    """`math`, `commonsense`, `glue`, `qa` (each family's eval tasks) and `flylora` (the paper's
+    """`math`, `commonsense`, `glue`, `qa`, `cloze` (each family's eval tasks) and `flylora` (the paper's
     four benchmarks)."""
     names = list(_tasks())
     out = {fam: [n for n in names if n.startswith(fam + ":")]
-           for fam in ("math", "commonsense", "glue", "qa")}
+           for fam in ("math", "commonsense", "glue", "qa", "cloze")}
     out["flylora"] = ["mmlu", "scienceqa", "gsm8k", "humaneval"]
     return out
 

