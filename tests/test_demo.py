@@ -107,6 +107,9 @@ def test_quick_demo_writes_its_report(demo):
                     "What this run shows, and what it does not", "Wall time and machine"):
         assert heading in md
     assert data["wall_s"] > 0 and data["estimate_s"]["total_s"] > 0
+    from flylora.demo import demo_spec, estimate_seconds  # a rerun would reuse every stage
+
+    assert estimate_seconds(demo_spec(quick=True, out=str(out)))["total_s"] == 0
     # activated share: FlyLoRA r32 k8 activates k/r of its B; LoRA r8 is the same size on these shapes
     p = results["params"]
     assert p["flylora_r32_k8"]["activated"] * 4 == p["flylora_r32_k8"]["trainable"]

@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help=f"evaluation questions per task (default {SPEC['eval']['limit']})")
     p.add_argument("--tasks", help=f"comma-separated tasks (default {','.join(TASKS)})")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run (about 3 min): 2 tasks, 3 steps, 8 questions, fp32 scoring")
+                   help="smoke run (about 1.5 min): 2 tasks, 3 steps, 8 questions, fp32 scoring")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--threads", type=int, help="torch threads (default: $OMP_NUM_THREADS, else all cores)")
     p.add_argument("--print-spec", action="store_true", help="print the experiment spec as YAML and exit")
@@ -115,37 +115,44 @@ def demo_spec(*, quick: bool = False, seeds: int = 1, model: str | None = None, 
 
 
 # ----------------------------------------------------------------------------------- estimate
-def estimate_seconds(spec: dict, done: set[str] = frozenset()) -> dict[str, float]:
+def estimate_seconds(spec: dict) -> dict[str, float]:
     """A rough wall-time estimate per phase on a 2-core CPU, from token counts of the real data
-    (training tokens at the recipe's steps × batch, scored tokens of every evaluation)."""
+    (training tokens at the recipe's steps × batch, scored tokens of every evaluation). Stages
+    already finished in the output folder (flylora.experiment's layout) cost nothing."""
     from .evaluate import load_eval_data
+    from .experiment import slug
     from .models import load_tokenizer, resolve_model_path
     from .tasks import get_task
 
-    recipe, ev = spec["recipe"], spec["eval"]
+    recipe, ev, out = spec["recipe"], spec["eval"], Path(spec["output_dir"])
     tok = load_tokenizer(resolve_model_path(recipe["model"]["name_or_path"]))
-    n_methods, n_seeds, T = len(spec["methods"]), len(spec["seeds"]), len(spec["tasks"])
     steps, batch = recipe["train"]["max_steps"], recipe["train"]["micro_batch_size"]
-    train_tokens, eval_tokens = 0.0, 0.0
+    train_s, eval_s = {}, {}  # task -> seconds of one training run / one evaluation
     for name in spec["tasks"]:
         task = get_task(name)
         rows = load_eval_data(task, split="carved-test", limit=ev["limit"]).rows
-        ctx = [len(tok(task.build_prompt(ex, recipe["data"].get("template")))["input_ids"]) for ex in rows]
-        cont = [sum(len(tok(c)["input_ids"]) for c in task.loglik_choices(ex)[0]) for ex in rows]
-        per_q = (sum(ctx) + sum(cont)) / len(rows)
-        answer = sum(len(tok(task.loglik_choices(ex)[0][0])["input_ids"]) for ex in rows) / len(rows)
+        ctx = sum(len(tok(task.build_prompt(ex, recipe["data"].get("template")))["input_ids"]) for ex in rows)
+        conts = [task.loglik_choices(ex)[0] for ex in rows]
+        scored = ctx + sum(len(tok(c)["input_ids"]) for cs in conts for c in cs)
+        answer = sum(len(tok(cs[0])["input_ids"]) for cs in conts)
         # batches pad to their longest row: about 1.3× the mean here
-        train_tokens += 1.3 * (sum(ctx) / len(rows) + answer) * steps * batch
-        eval_tokens += per_q * len(rows)
-    n_merges = sum(1 for m in spec["merges"].values() for lbl in spec["methods"] if not m.get("only") or lbl in m["only"])
-    factor = 1.0 if ev.get("bf16_autocast", True) else 1.4
-    est = {
-        "train_s": n_methods * n_seeds * (train_tokens * COST["train_token"] + T * COST["stage"]),
-        # base once; each adapter on its task; each merge on all tasks
-        "eval_s": factor * (eval_tokens * COST["eval_token"] * (1 + n_methods * n_seeds + n_merges * n_seeds)
-                            + COST["stage"] * (1 + n_methods * n_seeds + n_merges * n_seeds)),
-        "merge_s": n_merges * n_seeds * COST["merge"],
-    }
+        train_s[name] = 1.3 * (ctx + answer) / len(rows) * steps * batch * COST["train_token"] + COST["stage"]
+        eval_s[name] = (1.0 if ev.get("bf16_autocast", True) else 1.4) * scored * COST["eval_token"] + COST["stage"]
+    est = {"train_s": 0.0, "eval_s": 0.0, "merge_s": 0.0}
+    if not (out / "eval" / "base" / "results.json").is_file():
+        est["eval_s"] += sum(eval_s.values())
+    for label in spec["methods"]:
+        for seed in spec["seeds"]:
+            for name in spec["tasks"]:
+                if not (out / "train" / label / f"seed{seed}" / slug(name) / "run.json").is_file():
+                    est["train_s"] += train_s[name]
+                if not (out / "eval" / label / f"seed{seed}" / slug(name) / "results.json").is_file():
+                    est["eval_s"] += eval_s[name]
+            for mlabel, m in spec["merges"].items():
+                applies = not m.get("only") or label in m["only"]
+                if applies and not (out / "eval_merged" / label / f"seed{seed}" / mlabel / "results.json").is_file():
+                    est["merge_s"] += COST["merge"]
+                    est["eval_s"] += sum(eval_s.values())
     est["total_s"] = sum(est.values())
     return est
 
@@ -267,7 +274,7 @@ def summary_lines(results: dict, checks: dict) -> list[str]:
     single = {lbl: _mean([mean_std(list(results["single"][lbl][t].values()))[0] for t in tasks])
               for lbl in results["methods"]}
     base = _mean([results["base"].get(t) for t in tasks]) if results.get("base") else None
-    se = max(_binomial_se(0.5, n), 0.0)
+    se = _binomial_se(0.5, n)  # the largest, at p = 0.5
     lines = ["## What this run shows, and what it does not", ""]
     lines.append(f"- Mean single-task score over {len(tasks)} tasks: "
                  + ", ".join(f"{lbl} {v:.1f}" for lbl, v in single.items())
@@ -377,14 +384,13 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     start = time.monotonic()
     out = Path(spec["output_dir"])
-    cached = (out / "results.json").is_file()
     est = estimate_seconds(spec)
     print(f"flylora demo: {len(spec['tasks'])} tasks ({', '.join(spec['tasks'])}) × {len(spec['methods'])} methods "
           f"({', '.join(spec['methods'])}) × {len(spec['seeds'])} seed(s) on {spec['recipe']['model']['name_or_path']}, "
           f"{spec['recipe']['train']['max_steps']} steps each, {spec['eval']['limit']} test questions per task")
     print(f"estimated time on 2 CPU cores: ~{est['total_s'] / 60:.0f} min (training {est['train_s'] / 60:.1f}, "
           f"scoring {est['eval_s'] / 60:.1f}, merging {est['merge_s'] / 60:.1f}); {threads} torch threads"
-          + ("; finished stages in the output folder are reused" if cached or out.exists() else ""))
+          + ("; finished stages in the output folder are reused (not counted)" if out.exists() else ""))
     results = run_experiment(spec, progress=not args.no_progress)
     t0 = time.monotonic()
     checks = theory_checks(results, out, n_prompts=spec["analysis_prompts"])
