@@ -22,7 +22,6 @@ import copy
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -167,93 +166,80 @@ def _adapter_inputs(results: dict, label: str, seed: int):
 
 def theory_checks(results: dict, out_dir: Path, n_prompts: int = 16) -> dict:
     """On the trained adapters of the first seed: pairwise cos(vec ΔW_i, vec ΔW_j) per method
-    (FlyLoRA Corollary 3.5: ≈ 0 for independent A's), ‖A_iA_jᵀ‖_F against Theorem 3.4's
-    prediction p/(r√n), and the JL distance ratios of FlyLoRA's A on real layer inputs
-    (Theorem 3.1: ‖A(x−y)‖² / (rσ²‖x−y‖²) concentrates around 1)."""
-    from .merge.analysis import load_task_factors
-    from .merge.interference import cosine_summary, cross_projection_summary
+    (FlyLoRA Corollary 3.5: ≈ 0 for independent A's) and ‖A_iA_jᵀ‖_F against Theorem 3.4's
+    prediction p/(r√n), read from the experiment's interference analysis; for FlyLoRA also the JL
+    distance ratios of its A on real layer inputs (Theorem 3.1: ‖A(x−y)‖² / (rσ²‖x−y‖²)
+    concentrates around 1) and its routing load (plotted)."""
+    from .merge.analysis import load_adapters
 
     seed = results["seeds"][0]
     checks: dict = {"seed": seed, "methods": {}}
     for label in results["methods"]:
+        if not results.get("analysis", {}).get(label):
+            raise ValueError(f"the theory checks of {label} need the experiment's interference analysis "
+                             "(spec `analysis: [weight_average]`)")
+        report = json.loads(Path(next(iter(results["analysis"][label].values()))).read_text())
+        cos = report["cosines"]
         inputs = _adapter_inputs(results, label, seed)
-        model, factors = load_task_factors(inputs, results["model"])
-        names = [i.name for i in inputs]
-        cos = cosine_summary([factors[n] for n in names], names)
-        cross = cross_projection_summary([factors[n] for n in names], names)
         entry = {"mean_offdiag_cos": cos["mean_offdiag_cos"], "mean_offdiag_abs_cos": cos["mean_offdiag_abs_cos"],
-                 "cos_matrix": cos["mean_matrix"], "cross_projection_ratio": cross["mean_ratio_to_prediction"],
+                 "cos_matrix": cos["mean_matrix"],
+                 "cross_projection_ratio": report.get("cross_projection", {}).get("mean_ratio_to_prediction"),
                  "peft_type": inputs[0].peft_type}
-        if inputs[0].peft_type == "FLYLORA":
-            entry["jl"] = jl_check(model, inputs[0], n_prompts)
-            entry["routing"] = routing_check(model, inputs[0], n_prompts, out_dir / "routing_load.png")
+        if entry["peft_type"] == "FLYLORA":
+            model = load_adapters(inputs[:1], results["model"])
+            entry["jl"], entry["routing"] = probe_flylora(model, inputs[0], n_prompts, out_dir / "routing_load.png")
+            del model
         checks["methods"][label] = entry
-        del model
     return checks
 
 
-def _prompts(inp, n: int) -> list[str]:
+@torch.no_grad()
+def probe_flylora(model, inp, n_prompts: int, png: Path) -> tuple[dict, dict]:
+    """One pass of held-out prompts of the adapter's task (one at a time: no padding tokens)
+    through one FlyLoRA adapter. Returns the JL ratios of every module's frozen A on the inputs
+    that module really sees (consecutive token pairs) and the expert loads, plotted to `png`."""
+    from .balance import record_routing, routed_layers, routing_stats
     from .merge.analysis import eval_prompts
-
-    return eval_prompts(inp, n)
-
-
-@torch.no_grad()
-def jl_check(model, inp, n_prompts: int) -> dict:
-    """JL ratios of every FlyLoRA module's frozen A on the inputs that module really sees
-    (held-out prompts of the adapter's task, consecutive token pairs)."""
-    from .balance import routed_layers
     from .merge.interference import jl_distance_ratios, jl_summary
-    from .models import load_tokenizer
-
-    model.base_model.set_adapter(inp.name)
-    tok = load_tokenizer(model.peft_config[inp.name].base_model_name_or_path)
-    seen: dict[str, list[torch.Tensor]] = {}
-    hooks = [layer.register_forward_hook(lambda m, args, out, key=name: seen.setdefault(key, []).append(
-        args[0].detach().reshape(-1, args[0].shape[-1]).float()))
-        for name, layer in routed_layers(model)]
-    try:
-        for prompt in _prompts(inp, n_prompts):  # one at a time: no padding tokens to filter out
-            model(**tok(prompt, return_tensors="pt"))
-    finally:
-        for h in hooks:
-            h.remove()
-    ratios = []
-    layers = dict(routed_layers(model))
-    for name, xs in seen.items():
-        x = torch.cat(xs)
-        pairs = x.shape[0] // 2
-        X, Y = x[0:2 * pairs:2], x[1:2 * pairs:2]
-        keep = (X - Y).pow(2).sum(1) > 0
-        ratios.append(jl_distance_ratios(layers[name].flylora_A[inp.name], X[keep], Y[keep]))
-    all_ratios = torch.cat(ratios)
-    out = jl_summary(all_ratios)
-    out.update(modules=len(ratios), p05=float(all_ratios.quantile(0.05)), p95=float(all_ratios.quantile(0.95)),
-               task=inp.task)
-    return out
-
-
-@torch.no_grad()
-def routing_check(model, inp, n_prompts: int, png: Path) -> dict:
-    """Expert loads of one FlyLoRA adapter on held-out prompts of its task, and their plot."""
-    from .balance import record_routing, routing_stats
     from .models import load_tokenizer
     from .report.plots import plot_routing_loads
 
     model.base_model.set_adapter(inp.name)
     tok = load_tokenizer(model.peft_config[inp.name].base_model_name_or_path)
+    layers = dict(routed_layers(model))
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    hooks = [layer.register_forward_hook(lambda m, args, out, key=name: seen[key].append(
+        args[0].detach().reshape(-1, args[0].shape[-1]).float())) for name, layer in layers.items()]
     routing_stats(model, reset=True)
-    with record_routing(model):
-        for prompt in _prompts(inp, n_prompts):
-            model(**tok(prompt, return_tensors="pt"))
+    try:
+        with record_routing(model):
+            for prompt in eval_prompts(inp, n_prompts):
+                model(**tok(prompt, return_tensors="pt"))
+    finally:
+        for h in hooks:
+            h.remove()
+
+    ratios = []
+    for name, xs in seen.items():
+        x = torch.cat(xs)  # (tokens, n)
+        pairs = x.shape[0] // 2
+        X, Y = x[0:2 * pairs:2], x[1:2 * pairs:2]
+        keep = (X - Y).pow(2).sum(1) > 0
+        ratios.append(jl_distance_ratios(layers[name].flylora_A[inp.name], X[keep], Y[keep]))
+    all_ratios = torch.cat(ratios)
+    jl = jl_summary(all_ratios)
+    jl.update(modules=len(ratios), p05=float(all_ratios.quantile(0.05)), p95=float(all_ratios.quantile(0.95)),
+              task=inp.task)
+
     stats = {k: s for k, s in routing_stats(model, reset=True).items() if s["adapter"] == inp.name and s["tokens"]}
     plot_routing_loads(stats, png, title=f"FlyLoRA expert load, {inp.name} adapter on {n_prompts} held-out prompts")
-    ratios = [s["entropy"] / s["max_entropy"] for s in stats.values()]
-    loads = torch.tensor([s["load"] for s in stats.values()])
-    return {"task": inp.task, "layers": len(stats), "tokens_per_layer": next(iter(stats.values()))["tokens"],
-            "normalised_entropy_mean": sum(ratios) / len(ratios), "normalised_entropy_min": min(ratios),
-            "max_load_mean": float(loads.max(1).values.mean()), "uniform_load": 1 / loads.shape[1],
-            "plot": png.name}
+    entropy = [s["entropy"] / s["max_entropy"] for s in stats.values()]
+    loads = torch.tensor([s["load"] for s in stats.values()])  # (modules, r)
+    routing = {"task": inp.task, "layers": len(stats), "tokens_per_layer": next(iter(stats.values()))["tokens"],
+               "normalised_entropy_mean": sum(entropy) / len(entropy), "normalised_entropy_min": min(entropy),
+               "max_load_mean": float(loads.max(1).values.mean()), "uniform_load": 1 / loads.shape[1],
+               "plot": png.name}
+    return jl, routing
 
 
 # ----------------------------------------------------------------------------------- report
@@ -261,19 +247,14 @@ def _binomial_se(p: float, n: int) -> float:
     return 100 * math.sqrt(max(p * (1 - p), 1e-12) / n)
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
 def summary_lines(results: dict, checks: dict) -> list[str]:
     """Plain statements of what the numbers say, whichever way they fall, and what they cannot."""
     from .experiment import mean_std, merge_drops
 
     tasks, n = results["tasks"], results["eval"]["limit"]
-    single = {lbl: _mean([mean_std(list(results["single"][lbl][t].values()))[0] for t in tasks])
+    single = {lbl: mean_std([mean_std(list(results["single"][lbl][t].values()))[0] for t in tasks])[0]
               for lbl in results["methods"]}
-    base = _mean([results["base"].get(t) for t in tasks]) if results.get("base") else None
+    base = mean_std([results["base"].get(t) for t in tasks])[0] if results.get("base") else None
     se = _binomial_se(0.5, n)  # the largest, at p = 0.5
     lines = ["## What this run shows, and what it does not", ""]
     lines.append(f"- Mean single-task score over {len(tasks)} tasks: "
@@ -281,7 +262,7 @@ def summary_lines(results: dict, checks: dict) -> list[str]:
                  + (f" (base model {base:.1f})." if base is not None else "."))
     drops = merge_drops(results)
     for mlabel, by in drops.items():
-        parts = [f"{lbl} {_mean(list(d.values())):+.1f}" for lbl, d in by.items()]
+        parts = [f"{lbl} {mean_std(list(d.values()))[0]:+.1f}" for lbl, d in by.items()]
         lines.append(f"- Mean change after {mlabel} (after − single-task, points): " + ", ".join(parts) + ".")
     fly = checks["methods"].get(FLYLORA, {})
     cos = {lbl: c["mean_offdiag_abs_cos"] for lbl, c in checks["methods"].items()}
@@ -329,25 +310,13 @@ def theory_markdown(checks: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
-
-
 def write_demo_report(results: dict, checks: dict, out_dir: Path, estimate: dict, wall_s: float) -> dict:
+    from .bench import machine_info
     from .report.tables import markdown as results_markdown
     from .report.tables import write_report
 
     paths = write_report(results, out_dir)
-    m = machine()
+    m = machine_info(torch.get_num_threads())
     tm = results.get("timing", {})
     phases = ("| phase | estimated (s) | measured (s) |\n|---|---|---|\n" + "".join(
         f"| {k[:-2]} | {estimate.get(k, 0):.0f} | {tm.get(k, 0):.0f} |\n" for k in ("train_s", "eval_s", "merge_s"))
@@ -357,7 +326,7 @@ def write_demo_report(results: dict, checks: dict, out_dir: Path, estimate: dict
         results_markdown(results).rstrip(), "", "![merge drops](merge_drops.png)", "",
         theory_markdown(checks), "\n".join(summary_lines(results, checks)), "",
         "## Wall time and machine", "",
-        f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
+        f"{m['cpu']}, {m['nproc']} cores, {m['threads']} torch threads, torch {m['torch']}, "
         f"Python {m['python']}. Cached stages count 0 s.", "", phases,
         "## Interference after merging (first seed)" if details else "", details,
     ])

