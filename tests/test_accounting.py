@@ -58,7 +58,7 @@ def test_flylora_on_llama_3_1_8b_matches_the_spec_table():
     c = flylora.count_parameters(meta_model("llama-3.1-8b", flylora.FlyLoraConfig(r=32, k=8)))
     assert c["trainable"] == 44_040_192 and c["activated"] == 11_010_048  # r·Σm and k·Σm
     assert round(c["activated_pct"], 3) == 0.137
-    assert c["stored"] == 44_040_192 + 32 * 224  # B and the routing bias d; A comes from the seed
+    assert c["stored"] == 44_040_192 + 32 * 224 + 224  # B, the routing bias d and the seed; A comes from it
     assert c["by_tensor"] == {"flylora_B": 44_040_192}
 
 
@@ -95,7 +95,7 @@ def test_split_hydra_lorafa_adalora_follow_their_formulas():
     assert hydra["trainable"] == hydra["activated"] == 8 * sn + 3 * 8 * sm + 3 * sn  # r·n + N·r·m + N·n
 
     fa = flylora.count_parameters(meta_model("llama-3.1-8b", flylora.LoraFaConfig(r=32)))
-    assert fa["trainable"] == fa["activated"] == 32 * sm and fa["stored"] == 32 * sm + 32 * L
+    assert fa["trainable"] == fa["activated"] == 32 * sm and fa["stored"] == 32 * sm + 32 * L + L
 
     ada = flylora.count_parameters(
         meta_model("llama-3.1-8b", AdaLoraConfig(init_r=12, target_r=8, total_step=100, target_modules=ALL7))
@@ -124,4 +124,4 @@ def test_flylora_stored_counts_the_sparse_projection_only_when_saved(save_projec
     c = flylora.count_parameters(model)
     assert c["trainable"] == 20 * 4 and c["activated"] == 20 * 2
     p = round(0.5 * 10)  # nonzeros per row of A
-    assert c["stored"] == 20 * 4 + 4 + (2 * 4 * p if save_projection else 0)  # B, d, (cols, vals)
+    assert c["stored"] == 20 * 4 + 4 + 1 + (2 * 4 * p if save_projection else 0)  # B, d, seed, (cols, vals)

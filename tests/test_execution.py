@@ -92,9 +92,9 @@ def test_fork_bomb_is_contained(features):
 
 def test_fork_bomb_bypassing_python_guards_is_still_contained(features):
     """Reload libc's fork through a fresh ctypes extension module (dodging the Python guards):
-    the kernel layers (RLIMIT_NPROC as `nobody`) must still stop it, and the group kill must
+    the kernel layers (RLIMIT_NPROC of the sample's own uid) must still stop it, and the group kill must
     reap whatever did start."""
-    if "uid=nobody" not in features:
+    if "uid-per-sample" not in features:
         pytest.skip("needs the privilege drop (RLIMIT_NPROC does not bind root)")
     bomb = _LOAD_EXTENSION.format(name="_ctypes") + (
         "class c_int(m._SimpleCData):\n"
@@ -144,12 +144,13 @@ def test_rmtree_of_home_and_outside_writes_change_nothing(fake_home, tmp_path):
 
 
 def test_kernel_layer_blocks_writes_that_dodge_python_guards(fake_home, tmp_path, features):
-    if not any(f.startswith("landlock") or f == "uid=nobody" for f in features):
+    if not any(f.startswith("landlock") or f == "uid-per-sample" for f in features):
         pytest.skip("no kernel write protection available here")
     before = _snapshot(fake_home)
     # io.FileIO is the C-level file object: not routed through our open() guard
     r = run_program(f"import io\nio.FileIO({str(fake_home / 'canary.txt')!r}, 'w').write(b'x')", FAST)
-    assert not r.passed and "Permission" in r.detail
+    # refused (Landlock, file modes) or not even there (the private filesystem view)
+    assert not r.passed and ("Permission" in r.detail or "FileNotFound" in r.detail), r.detail
     r = run_program(f"import io\nio.FileIO({str(tmp_path / 'new.txt')!r}, 'w').write(b'x')", FAST)
     assert not r.passed and not (tmp_path / "new.txt").exists()
     assert _snapshot(fake_home) == before
@@ -185,7 +186,7 @@ def test_no_network(features):
         t.join()
         server.close()
     assert not r1.passed and "socket" in r1.detail
-    if "netns" not in features and not any(f.startswith("landlock-abi") and int(f[12:]) >= 4 for f in features):
+    if "netns" not in features and not any(f.startswith("landlock-abi") and "tcp" in f for f in features):
         pytest.skip("no kernel network layer here; only the import guard (checked above) applies")
     assert not r2.passed and "m.socket" not in r2.detail  # it got a socket object, connect failed
     assert not hits
@@ -240,3 +241,22 @@ def test_pass_at_k_from_several_samples():
     assert res.metrics["pass@2"] == pytest.approx((1 - 1 / 6 + 0) / 2)  # 1 - C(2,2)/C(4,2)
     assert "pass@5" not in res.metrics
     assert json.dumps(res.records)  # JSON-serialisable for the outputs file
+
+
+def test_values_cross_the_checker_boundary_with_their_types():
+    """The checker sees exactly the value the sandboxed function returned: a tuple is not a
+    list, True is not 1, and non-plain values (a generator) fail instead of crossing."""
+    from flylora.execution import Check
+
+    test = ("import math\n"
+            "def check(c):\n"
+            "    for v in [(1, 2), [1, (2,)], True, 1, 1.5, float('inf'), None, 'é', b'\\x00', {1, 2},\n"
+            "              frozenset({3}), {'a': [1, (2,)]}, 2 ** 100, 1 + 2j]:\n"
+            "        r = c(v)\n"
+            "        assert r == v and type(r) is type(v), (v, r)\n"
+            "    assert math.isnan(c(float('nan')))\n"
+            "    assert c(x=[1]) == [1]\n")
+    r = run_program("def f(x):\n    return x\n", FAST, Check(test, "f"))
+    assert r.passed, r.detail
+    r = run_program("def f(x):\n    return (y for y in x)\n", FAST, Check(test, "f"))
+    assert not r.passed and "cannot pass a generator" in r.detail, r.detail

@@ -307,7 +307,8 @@ def test_adapter_file_holds_a_only_with_save_projection(tmp_path, save_projectio
     model.save_pretrained(tmp_path)
     keys = load_file(os.path.join(tmp_path, "adapter_model.safetensors")).keys()
     kinds = {k.rsplit(".", 1)[-1] for k in keys}
-    assert kinds == ({"flylora_B", "flylora_bias", "flylora_A_cols", "flylora_A_vals"} if save_projection else {"flylora_B", "flylora_bias"})
+    saved = {"flylora_B", "flylora_bias", "flylora_seed"}  # the seed travels with B (test_projection.py)
+    assert kinds == (saved | {"flylora_A_cols", "flylora_A_vals"} if save_projection else saved)
     cfg = json.load(open(os.path.join(tmp_path, "adapter_config.json")))
     assert cfg["peft_type"] == "FLYLORA" and cfg["projection_seed"] == 1
 

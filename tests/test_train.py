@@ -26,7 +26,7 @@ def _adapter_tensors(run_dir) -> dict:
 
 # ------------------------------------------------------------------------------ recipe validation
 @pytest.mark.parametrize("overrides, message", [
-    (["model.foo=1"], "unknown key recipe.model.foo (allowed: dtype, name_or_path)"),
+    (["model.foo=1"], "unknown key recipe.model.foo (allowed: compute_dtype, double_quant, dtype, name_or_path, quantization)"),
     (["train.lr=abc"], "recipe.train.lr: expected float, got 'abc'"),
     (["train.seed=true"], "recipe.train.seed: expected int, got True"),
     (["data.limit=1.5"], "recipe.data.limit: expected int or null, got 1.5"),
@@ -55,7 +55,7 @@ def test_malformed_yaml_file_through_the_cli(tmp_path, capsys):
     assert err == ["flylora train: error: recipe.train.lr: expected float, got 'abc'"]
     bad.write_text("name: x\nmodel:\n  foo: 1\n")
     assert main(["train", str(bad)]) == 2
-    assert "unknown key recipe.model.foo (allowed: dtype, name_or_path)" in capsys.readouterr().err
+    assert "unknown key recipe.model.foo (allowed: compute_dtype, double_quant, dtype, name_or_path, quantization)" in capsys.readouterr().err
 
 
 def test_overrides_are_yaml_scalars_and_floats_follow_yaml_1_2():
@@ -115,7 +115,7 @@ def test_recipe_round_trip_yaml_to_run_json(model_dir, tmp_path, capsys):
 
     # 2 layers × (q 32 + k 16 + v 16 + o 32 + gate 64 + up 64 + down 32) = 512 output rows, r = 8, k = 2
     assert info["parameters"]["trainable"] == 512 * 8 and info["parameters"]["activated"] == 512 * 2
-    assert info["parameters"]["stored"] == 512 * 8 + 14 * 8  # B plus the routing bias d of 14 layers
+    assert info["parameters"]["stored"] == 512 * 8 + 14 * 8 + 14  # B, the routing bias d and the int64 projection seed of 14 layers
     model = load_adapter(load_model(model_dir), str(run_dir / "adapter"))
     assert count_parameters(model)["stored"] == info["parameters"]["stored"]
     tensors = _adapter_tensors(run_dir)

@@ -28,7 +28,9 @@ TASKS = {
 # the baselines' alpha and lr are not given, so they share FlyLoRA's lr: unconfirmed)
 METHODS = {
     "flylora": {"name": "flylora", "config": {"r": 32, "k": 8, "lora_alpha": 64, "lora_dropout": 0.0,
-                                              "bias_update_rate": 0.001, "topk_on": "signed"}},
+                                              "bias_update_rate": 0.001, "topk_on": "signed",
+                                              # the official cadence: d moves after every micro-batch
+                                              "bias_update_every": "micro_batch"}},
     "lora_r8": {"name": "lora", "config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
     "lora_r32": {"name": "lora", "config": {"r": 32, "lora_alpha": 64, "lora_dropout": 0.0}},
     "split_lora": {"name": "split_lora", "config": {"r": 32, "num_experts": 4, "top_k": 1, "lora_alpha": 64,
@@ -41,7 +43,11 @@ def recipe(model: str, task: str, method: str) -> dict:
     return {
         "name": f"{model}_{task}_{method}",
         "description": f"FlyLoRA paper Tables 18/19: {method} on {task}, {MODELS[model]} (needs a GPU)",
-        "model": {"name_or_path": MODELS[model], "dtype": "bfloat16"},
+        # the official loading: BitsAndBytesConfig(load_in_8bit=False) under transformers 4.44 is the
+        # 4-bit quantizer's defaults (fp4, fp32 compute, no double quant), torch_dtype=float16, then
+        # prepare_model_for_kbit_training (flylora.quantization); quantization=none for a bf16 base
+        "model": {"name_or_path": MODELS[model], "dtype": "float16", "quantization": "fp4",
+                  "compute_dtype": "float32"},
         "method": METHODS[method],
         "data": {"task": task, "split": "train", "cutoff_len": t["cutoff_len"], "train_on_inputs": True},
         "train": {

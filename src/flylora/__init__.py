@@ -2,13 +2,31 @@
 
 `import flylora` registers the methods with PEFT, so `peft.get_peft_model`,
 `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM.from_pretrained` accept them.
+
+The package is lazy, so that `flylora --help` does not pay for torch and PEFT (6-8 s on a small
+machine): the names below are imported on first use, and the registration happens at once if
+PEFT is already imported, else the moment PEFT is (an import hook, `_lazy.register_with_peft`).
 """
-from .balance import RoutingBiasCallback, record_routing, routing_stats, update_routing_bias
-from .layers.flylora import FlyLoraLinear
-from .tuners import FlyLoraConfig, FlyLoraModel
-from .loading import AdapterLoadError, load_adapter
+from ._lazy import register_with_peft as _register_with_peft
+from .quantization import quiet_bitsandbytes as _quiet_bitsandbytes
+
+_quiet_bitsandbytes()  # logging filters only (no import): PEFT imports bitsandbytes, which logs a CPU-kernel notice
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first attribute access)
+_EXPORTS = {
+    "RoutingBiasCallback": ".balance", "record_routing": ".balance", "routing_stats": ".balance",
+    "update_routing_bias": ".balance",
+    "FlyLoraLinear": ".layers.flylora",
+    "FlyLoraConfig": ".tuners", "FlyLoraModel": ".tuners",
+    "AdapterLoadError": ".loading", "load_adapter": ".loading",
+    # sibling methods, the FlyLoRA paper's baselines, Riemannian optimizers and parameter accounting
+    "count_parameters": ".accounting",
+    "HydraLoraConfig": ".tuners", "LoraFaConfig": ".tuners", "MoeLoraConfig": ".tuners",
+    "SplitLoraConfig": ".tuners", "TopLoraConfig": ".tuners", "moe_aux_loss": ".tuners",
+}
+_SUBMODULES = ("optim",)
 
 __all__ = [
     "AdapterLoadError",
@@ -21,19 +39,6 @@ __all__ = [
     "routing_stats",
     "update_routing_bias",
 ]
-
-# sibling methods, the FlyLoRA paper's baselines, Riemannian optimizers and parameter accounting
-from . import optim  # noqa: E402
-from .accounting import count_parameters  # noqa: E402
-from .tuners import (  # noqa: E402
-    HydraLoraConfig,
-    LoraFaConfig,
-    MoeLoraConfig,
-    SplitLoraConfig,
-    TopLoraConfig,
-    moe_aux_loss,
-)
-
 __all__ += [
     "HydraLoraConfig",
     "LoraFaConfig",
@@ -44,3 +49,23 @@ __all__ += [
     "moe_aux_loss",
     "optim",
 ]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+_register_with_peft()

@@ -664,6 +664,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu: the timing thread's CPU seconds (needs --threads 1); wall: elapsed seconds")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                    help="bf16: fp32 weights under bf16 autocast (the demo's CPU setting); fp32: no autocast")
+    p.add_argument("--quantized", action="store_true", help="only FlyLoRA on the embedded model with a 4-bit "
+                   "base vs a bf16 base: peak training memory and step time ratios (flylora.bench_quant)")
 
 
 def run(args) -> int:
@@ -675,6 +677,10 @@ def run(args) -> int:
 
 
 def _run(args, t0: float) -> int:
+    if getattr(args, "quantized", False):
+        from .bench_quant import run_quantized
+
+        return run_quantized(args, t0)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     models, reps, budget, memory_seqs = MODES[mode]
     if args.models:
@@ -716,9 +722,14 @@ def _run(args, t0: float) -> int:
     result["headline"] = headline(result, head_model)
     # the flat top-level keys the issue asks for (the mid-size model when it ran)
     result.update({k: v for k, v in result["headline"].items() if k != "targets"})
+    from .bench_startup import cli_startup, format_line
+
+    # `flylora --help` wall time (the smoke test: one run, no `train --help`, to stay fast)
+    result["cli_startup"] = cli_startup(reps=1, train_help=False) if mode == "smoke" else cli_startup(reps=5)
     result["machine"]["loadavg_end"] = _loadavg()
     result["wall_s"] = time.perf_counter() - t0
     print(format_tables(result))
+    print(format_line(result["cli_startup"]))
     print(f"\nwall time {result['wall_s']:.0f} s; load average start {result['machine']['loadavg_start']}, "
           f"end {result['machine']['loadavg_end']}")  # fmt: skip
     if json_path:

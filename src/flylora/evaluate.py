@@ -32,10 +32,10 @@ from typing import Any, Sequence
 from .models import DEFAULT_MODEL, autocast, load_model, load_tokenizer, resolve_model_path, set_threads
 from .tasks import expand, get_task
 from .tasks.base import Task
-from .tasks.scoring import choose_by_loglik
+from .tasks.scoring import char_length, choose_by_loglik
 from .tasks.sources import Loaded
 
-EVAL_SPLITS = ("test", "carved-test")
+EVAL_SPLITS = ("test", "carved-test", "carved-val")  # carved-val: selection only (tasks/base.py)
 LOGLIK_NORMS = ("none", "char", "token")
 
 
@@ -58,6 +58,10 @@ def parse_adapters(specs: Sequence[str]) -> list[tuple[str, str]]:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"adapter folder {path!r} not found (expected a PEFT "
                                     "save_pretrained folder with adapter_config.json)")
+        run_json = Path(path) / "run.json"
+        if run_json.is_file() and not (Path(path) / "adapter_config.json").is_file():
+            # a `flylora train` run folder: its adapter/ subfolder
+            path = str(Path(path) / json.loads(run_json.read_text()).get("adapter", "adapter"))
         if any(name == n for n, _ in out):
             raise ValueError(f"adapter name {name!r} given twice; use name=path to rename")
         out.append((name, path))
@@ -68,13 +72,10 @@ def attach_adapters(model, adapters: Sequence[tuple[str, str]]):
     """Load PEFT adapters onto `model`; returns the PeftModel (or `model` if none)."""
     if not adapters:
         return model
-    import flylora  # noqa: F401  (registers the FlyLoRA PEFT types)
-    from peft import PeftModel
+    from .loading import load_adapter  # the one checked loader: truncated or NaN weights are one line
 
-    (name, path), rest = adapters[0], adapters[1:]
-    model = PeftModel.from_pretrained(model, path, adapter_name=name)
-    for name, path in rest:
-        model.load_adapter(path, adapter_name=name)
+    for name, path in adapters:
+        model = load_adapter(model, path, adapter_name=name)
     return model.eval()
 
 
@@ -212,6 +213,9 @@ def check_settings(task: Task, *, split: str = "test", mode: str = "generate", l
         raise ValueError(f"task {task.name!r} is not multiple choice; use mode 'generate'")
     if mode == "generate" and scoring_mode is not None:
         task.check_scoring_mode(scoring_mode)
+    from .eval_options import check_ignored
+
+    check_ignored(task, mode=mode, scoring_mode=scoring_mode, **_)
 
 
 def load_eval_data(task: Task, *, split: str = "test", data_path: str | None = None,
@@ -226,10 +230,9 @@ def _filename(s: str) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    from .fsutil import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
 
 def _clean(x: Any) -> Any:
@@ -270,7 +273,7 @@ def evaluate_task(task: Task, model, tokenizer, *, split: str = "test", data_pat
         for ex, p, (conts, gold) in zip(rows, prompts, per):
             s = scores[k:k + len(conts)]
             k += len(conts)
-            lengths = {"none": [1] * len(s), "char": [len(c) for c in conts], "token": [n for _, n in s]}
+            lengths = {"none": [1] * len(s), "char": [char_length(c) for c in conts], "token": [n for _, n in s]}
             for norm in LOGLIK_NORMS:
                 picks[norm].append(choose_by_loglik([lp for lp, _ in s], lengths[norm]))
             records.append({"prompt": p, "continuations": conts, "logprobs": [lp for lp, _ in s],
@@ -315,7 +318,7 @@ def evaluate(tasks: Sequence[str] | str, model: Any = None, adapters: Sequence[s
              *, tokenizer=None, adapter_mode: str = "each", include_base: bool = False,
              data: dict[str, str] | None = None, out_dir: str | os.PathLike | None = None,
              dtype: str = "float32", device: str | None = "auto", threads: int | None = None,
-             **task_kwargs) -> dict:
+             quantization: str = "none", **task_kwargs) -> dict:
     """Evaluate `model` (None = the embedded default, an HF id, a local path, or a loaded model
     with `tokenizer`) with optional adapters on `tasks` (names or groups). Keyword arguments are
     those of `evaluate_task`. Writes results.json/results.md/outputs when `out_dir` is given.
@@ -339,6 +342,15 @@ def evaluate(tasks: Sequence[str] | str, model: Any = None, adapters: Sequence[s
     if len({n for n, _ in adapter_list}) != len(adapter_list):
         raise ValueError(f"adapter names must be unique, got {[n for n, _ in adapter_list]}")
     # data and settings first: a bad path or option fails before the model loads
+    if isinstance(model, (str, os.PathLike)):
+        from .loading import check_model_path
+
+        check_model_path(model)
+    out = None
+    if out_dir is not None:  # a file, a read-only folder or someone else's folder: one line, now
+        from .fsutil import ensure_dir
+
+        out = ensure_dir(out_dir, "output folder", kind="eval")
     loaded = {}
     for name in names:
         check_settings(get_task(name), **task_kwargs)
@@ -350,7 +362,7 @@ def evaluate(tasks: Sequence[str] | str, model: Any = None, adapters: Sequence[s
         model_name = str(model) if model is not None else DEFAULT_MODEL
         model_path = resolve_model_path(model_name)
         tokenizer = load_tokenizer(model_path, padding_side="left")
-        model = load_model(model_path, dtype=dtype, device=device)
+        model = load_model(model_path, dtype=dtype, device=device, quantization=quantization)
     else:
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: evaluate(..., tokenizer=tok)")
@@ -369,23 +381,45 @@ def evaluate(tasks: Sequence[str] | str, model: Any = None, adapters: Sequence[s
     elif adapter_list:
         runs.append(("+".join(n for n, _ in adapter_list), lambda: _active(model, [n for n, _ in adapter_list])))
     results, outputs = [], {}
-    for label, ctx in runs:
-        for name in names:
-            with ctx():
-                summary, records = evaluate_task(get_task(name), model, tokenizer,
-                                                 data=loaded[name], **task_kwargs)
-            summary["adapter"] = label
-            results.append(summary)
-            outputs[(label, name)] = records
     settings = {k: v for k, v in task_kwargs.items() if k != "progress"}
     report = {"flylora_eval_version": 1, "created": _dt.datetime.now().isoformat(timespec="seconds"),
               "model": model_name, "model_path": str(model_path),
               "adapters": [{"name": n, "path": p} for n, p in adapter_list], "adapter_mode": adapter_mode,
-              "dtype": dtype, "device": device, "settings": settings, "results": results,
-              "wall_s": round(time.monotonic() - start, 2)}
-    if out_dir is not None:
-        write_outputs(report, outputs, Path(out_dir))
+              "dtype": dtype, "quantization": quantization, "device": device, "settings": settings, "results": results,
+              "wall_s": 0.0}
+    total = len(runs) * len(names)
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            from .fsutil import dir_lock
+
+            stack.enter_context(dir_lock(out, "output folder"))  # a second eval into it is refused
+        try:
+            for label, ctx in runs:
+                for name in names:
+                    with ctx():
+                        summary, records = evaluate_task(get_task(name), model, tokenizer,
+                                                         data=loaded[name], **task_kwargs)
+                    summary["adapter"] = label
+                    results.append(summary)
+                    outputs[(label, name)] = records
+                    report.update(wall_s=round(time.monotonic() - start, 2), complete=len(results) == total)
+                    if out is not None:  # each finished task is on disk at once: Ctrl-C or a crash keeps it
+                        write_outputs(report, outputs, out)
+        except KeyboardInterrupt:
+            report.update(wall_s=round(time.monotonic() - start, 2), complete=False, interrupted=True)
+            done = [f"{r.get('adapter') or 'base'}/{r['task']}" for r in results]
+            where = "nothing written" if out is None else f"in {out}/results.json"
+            if out is not None and results:
+                write_outputs(report, outputs, out)
+            raise EvalInterrupted(f"kept {len(results)} of {total} finished task result(s)"
+                                  + (f" ({', '.join(done)})" if done else "") + f" {where}") from None
+    if out is not None and not results:
+        write_outputs(report, outputs, out)
     return report
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `evaluate`: the message says which finished results were kept and where."""
 
 
 @contextlib.contextmanager
@@ -407,13 +441,21 @@ def markdown_table(report: dict) -> str:
 
 
 def write_outputs(report: dict, outputs: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """outputs/*.jsonl, results.json, results.md, each written atomically (temp, fsync, rename);
+    a result whose jsonl is already written (`outputs` set) is not written again."""
+    from .fsutil import atomic_write_text, ensure_dir
+
+    out_dir = Path(out_dir)
+    if not (out_dir / ".flylora").is_file():
+        ensure_dir(out_dir, "output folder", kind="eval")
     for r in report["results"]:
+        if r.get("outputs") and (out_dir / r["outputs"]).is_file():
+            continue
         name = _filename(f"{r.get('adapter') or 'base'}__{r['task']}") + ".jsonl"
         _write_jsonl(out_dir / "outputs" / name, outputs[(r.get("adapter"), r["task"])])
         r["outputs"] = f"outputs/{name}"
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / "results.md").write_text(markdown_table(report))
+    atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(out_dir / "results.md", markdown_table(report))
 
 
 # ----------------------------------------------------------------------------- HumanEval without a model
@@ -486,10 +528,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-base", action="store_true", help="also evaluate the model without adapters")
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
                    help="local data file/folder for a task (PATH alone when there is one task)")
-    p.add_argument("--split", choices=EVAL_SPLITS, default="test",
-                   help="test, or carved-test for models trained on carved-train")
-    p.add_argument("--carve-seed", type=int, default=0)
-    p.add_argument("--carve-fraction", type=float, default=0.5, help="carved-train share (default 0.5)")
+    p.add_argument("--split", choices=EVAL_SPLITS, default=None,
+                   help="default: carved-test when the adapters were trained on carved-train (their run.json "
+                        "says so), else test")
+    p.add_argument("--carve-seed", type=int, default=None, help="default: the adapters' training carve seed, else 0")
+    p.add_argument("--carve-fraction", type=float, default=None,
+                   help="carved-train share (default: the adapters' training value, else 0.5)")
     p.add_argument("--limit", type=int, help="evaluate the first N rows (or a random N with --limit-seed)")
     p.add_argument("--limit-seed", type=int)
     p.add_argument("--mode", choices=("generate", "loglik"), default="generate")
@@ -509,11 +553,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sandbox-workers", type=int, help="parallel sandboxed programs (default min(4, cores))")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per HumanEval program")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--quantization", default="none", choices=("none", "nf4", "fp4", "int8"),
+                   help="load the base's linear layers 4-bit (nf4, fp4) or 8-bit via bitsandbytes (default none)")
     p.add_argument("--bf16-autocast", action="store_true", help="bf16 autocast (about 2x faster on CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch threads (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default runs/eval/<timestamp>)")
+    p.add_argument("--out", help="output folder (default runs/eval/<timestamp>, a new one per run)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -540,7 +586,31 @@ def run(args: argparse.Namespace) -> int:
         for g, members in groups().items():
             print(f"group {g:18s} {', '.join(members)}")
         return 0
-    out_dir = Path(args.out or Path("runs") / "eval" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    from .fsutil import ensure_dir, unique_dir
+
+    created = not (args.out and Path(args.out).exists())
+    if args.out:
+        out_dir = ensure_dir(args.out, "--out folder", kind="eval")
+    else:  # two evals started in the same second get two folders
+        out_dir = unique_dir(Path("runs") / "eval" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    try:
+        return _run(args, out_dir)
+    except BaseException:
+        if created and out_dir.is_dir() and all(p.name.startswith(".flylora") for p in out_dir.iterdir()):
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)  # only our marker inside: nothing to keep
+        raise
+
+
+def _run(args: argparse.Namespace, out_dir: Path) -> int:
+    from .eval_options import default_split
+
+    default_split(args)
+    if args.no_progress:  # also transformers' own bars (model loading)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     ks = [int(k) for k in str(args.k).split(",") if k.strip()]
     progress = not args.no_progress
     if args.samples or args.reference:
@@ -562,6 +632,7 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate(names, args.model, args.adapter, adapter_mode=args.adapter_mode,
                           include_base=args.include_base, data=_parse_data(args.data, names),
                           out_dir=out_dir, dtype=args.dtype, device=args.device, threads=args.threads,
+                          quantization=args.quantization,
                           split=args.split, limit=args.limit, limit_seed=args.limit_seed,
                           carve_seed=args.carve_seed, carve_fraction=args.carve_fraction, mode=args.mode,
                           loglik_norm=args.loglik_norm, template=args.template, chat=args.chat_template,

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ UNION_OK = ("lora", "flylora", "lora_fa", "split_lora", "hydralora", "moelora", 
 
 @dataclass
 class EvalSpec:
-    split: Optional[str] = None  # default: carved-test for carved-train runs, else test
+    split: Optional[str] = None  # default: carved-test for carved-train/carved-fit runs, else test
     limit: Optional[int] = 100
     limit_seed: Optional[int] = None
     mode: str = "generate"  # generate (the paper's protocol) or loglik (multiple choice)
@@ -94,12 +93,17 @@ class ExperimentSpec:
     analysis: Union[bool, list[str]] = True  # interference analysis (first seed): all merges, none, or these labels
     analysis_prompts: int = 16
     output_dir: str = "runs/experiments/{name}"
+    train_dir: Optional[str] = None  # training runs (default <output_dir>/train); specs sharing it share adapters
     keep_full_weights: bool = False  # full-weight merges are deleted after evaluation (they are big)
     threads: Optional[int] = None
 
     @property
     def out(self) -> Path:
         return Path(self.output_dir.replace("{name}", self.name))
+
+    @property
+    def train_root(self) -> Path:
+        return Path(self.train_dir.replace("{name}", self.name)) if self.train_dir else self.out / "train"
 
     def eval_task(self, task: str) -> str:
         return self.eval.task_map.get(task, task)
@@ -202,15 +206,14 @@ def _json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from .fsutil import atomic_write_json  # temp, fsync, rename
+
+    atomic_write_json(path, data)
 
 
 def _eval_kwargs(spec: ExperimentSpec, data: dict) -> dict:
     e = spec.eval
-    split = e.split or ("carved-test" if data.get("split") == "carved-train" else "test")
+    split = e.split or ("carved-test" if data.get("split") in ("carved-train", "carved-fit") else "test")
     kw = dict(split=split, limit=e.limit, limit_seed=e.limit_seed, mode=e.mode, batch_size=e.batch_size,
               bf16_autocast=e.bf16_autocast, carve_seed=data.get("carve_seed", 0),
               carve_fraction=data.get("carve_fraction", 0.5), progress=False)
@@ -233,7 +236,7 @@ def _evaluate(tasks: list[str], model_name: str, out_dir: Path, kwargs: dict, *,
     """Cached evaluation: out_dir/results.json. Tasks with their own settings (`per_task`) are
     evaluated in their own call (out_dir/<task>/), then the reports are combined."""
     cached = _json(out_dir / "results.json")
-    if cached is not None:
+    if cached is not None and cached.get("complete", True):  # an interrupted eval is redone, not reused
         return cached
     special = [t for t in tasks if (per_task or {}).get(t)]
     if not special:
@@ -254,7 +257,7 @@ def _evaluate_once(tasks: list[str], model_name: str, out_dir: Path, kwargs: dic
     from .evaluate import evaluate
 
     cached = _json(out_dir / "results.json")
-    if cached is not None:
+    if cached is not None and cached.get("complete", True):  # an interrupted eval is redone, not reused
         return cached
     if union is not None:
         from .merge.union import load_routed_union
@@ -271,18 +274,26 @@ def _evaluate_once(tasks: list[str], model_name: str, out_dir: Path, kwargs: dic
 def run_experiment(spec_source: str | os.PathLike | dict, overrides: list[str] | dict | None = None,
                    *, progress: bool = True) -> dict:
     """Run (or finish) the experiment; returns the results dict, also written to <out>/results.json.
-    Results are keyed by evaluation task (spec.eval.task_map maps training tasks to them)."""
+    Results are keyed by evaluation task (spec.eval.task_map maps training tasks to them).
+    The folder must be new, empty or an experiment folder of ours; it is locked while running."""
+    from .fsutil import dir_lock, ensure_dir
+
+    spec, base_recipe = load_spec(spec_source, overrides)
+    out = ensure_dir(spec.out, "spec.output_dir", kind="experiment")
+    with dir_lock(out, "experiment folder"):  # a second run of the same experiment is refused
+        return _run_experiment(spec, base_recipe, progress=progress)
+
+
+def _run_experiment(spec: ExperimentSpec, base_recipe: dict, *, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from .train import load_run, train
 
-    spec, base_recipe = load_spec(spec_source, overrides)
     if spec.threads:
         from .models import set_threads
 
         set_threads(spec.threads)
     out = spec.out
-    out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     timing = {"train_s": 0.0, "eval_s": 0.0, "merge_s": 0.0}  # merge_s includes the interference analysis
     first = load_recipe(recipe_for(base_recipe, next(iter(spec.methods.values())), spec.tasks[0], spec.seeds[0],
@@ -323,7 +334,7 @@ def run_experiment(spec_source: str | os.PathLike | dict, overrides: list[str] |
         for seed in spec.seeds:
             runs = {}
             for task in spec.tasks:
-                run_dir = out / "train" / label / f"seed{seed}" / slug(task)
+                run_dir = spec.train_root / label / f"seed{seed}" / slug(task)
                 bar.set_postfix_str(f"train {label} {task} seed {seed}")
                 if not (run_dir / "run.json").is_file():
                     t0 = time.monotonic()
@@ -384,8 +395,10 @@ def _merge_stage(spec: ExperimentSpec, m: MergeSpec, mlabel: str, label: str, se
     info = _json(mdir / "merge.json")
     if info is not None and (evaluated or _artifact_present(mdir, info)):
         return info
-    if mdir.exists():
-        shutil.rmtree(mdir)
+    if mdir.exists():  # an unfinished merge of ours; never a folder flylora did not write
+        from .fsutil import remove_ours
+
+        remove_ours(mdir, "merge folder")
     wanted = spec.analysis is True or (isinstance(spec.analysis, list) and mlabel in spec.analysis)
     t0 = time.monotonic()
     info = merge_adapters([(spec.eval_task(t), str(runs[t])) for t in spec.tasks], m.method, mdir,

@@ -71,14 +71,55 @@ def _convert_gguf(package_dir: Path, gguf_name: str, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
+def embedded_name_of(name_or_path: str | os.PathLike | None) -> str | None:
+    """The `embedded:` name behind `name_or_path`, or None.
+
+    Accepts the name itself or a cache path of an embedded model (`<cache>/models/<folder>`), also
+    one written on another machine: adapters record the cache path as `base_model_name_or_path`
+    (transformers cannot load an `embedded:` name), so a path that does not exist here but ends in
+    `models/<embedded folder>` still names that model.
+    """
+    if name_or_path is None:
+        return None
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        return name
+    p = Path(name)
+    for embedded, (_, _, folder) in EMBEDDED.items():
+        if p.name == folder and p.parent.name == "models":
+            return embedded
+    return None
+
+
+def loadable_base_name(name_or_path: str | os.PathLike | None) -> str | None:
+    """What to record as an adapter's `base_model_name_or_path`: something transformers'
+    `from_pretrained` loads (the local cache folder for an embedded model, converted on first
+    use), the name unchanged otherwise."""
+    if name_or_path is None:
+        return None
+    return resolve_model_path(name_or_path) if str(name_or_path).startswith("embedded:") else str(name_or_path)
+
+
+def record_base_model(peft_config, name_or_path: str | os.PathLike | None) -> None:
+    """Set an adapter config's base model: `base_model_name_or_path` gets what transformers loads
+    (`loadable_base_name`); flylora configs also keep the `embedded:` name in `flylora_base_model`,
+    so the adapter reloads on another machine that has the embedded package installed."""
+    peft_config.base_model_name_or_path = loadable_base_name(name_or_path)
+    if hasattr(peft_config, "flylora_base_model"):
+        peft_config.flylora_base_model = embedded_name_of(name_or_path)
+
+
 def resolve_model_path(name_or_path: str | os.PathLike | None = None) -> str:
     """Return something `from_pretrained` can load.
 
     `None` or an `embedded:` name -> the cached HF checkpoint, converted on first use (under a file
     lock, written to a temp dir then `os.replace`d, so concurrent workers never see half a model).
-    Anything else (HF hub id or local path) is returned unchanged.
+    A cache path of an embedded model that does not exist here (recorded on another machine) ->
+    this machine's cache of that model. Anything else (HF hub id or local path) is returned unchanged.
     """
     name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    if not name.startswith("embedded:") and not os.path.exists(name):
+        name = embedded_name_of(name) or name
     if not name.startswith("embedded:"):
         return name
     if name not in EMBEDDED:
@@ -135,13 +176,23 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = torch.float32,
-               device: str | torch.device = "cpu"):
-    """A causal LM in eval mode on `device`. `None` means the embedded default model."""
+               device: str | torch.device = "cpu", quantization: str = "none",
+               compute_dtype: str | None = None, double_quant: bool = False):
+    """A causal LM in eval mode on `device`. `None` means the embedded default model.
+    `quantization` (nf4, fp4, int8) loads the linear layers' weights through bitsandbytes
+    (flylora.quantization); bitsandbytes places them on `device` while loading."""
     from transformers import AutoModelForCausalLM
 
+    from .quantization import bnb_config
+
+    qconfig = bnb_config(quantization, dtype, compute_dtype, double_quant)
+    if qconfig is None:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=parse_dtype(dtype))
+        return model.to(device).eval()
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path), dtype=parse_dtype(dtype))
-    return model.to(device).eval()
+        resolve_model_path(name_or_path), dtype=parse_dtype(dtype), quantization_config=qconfig,
+        device_map={"": str(torch.device(device))})
+    return model.eval()
 
 
 def autocast(device: str | torch.device = "cpu", enabled: bool = True):

@@ -37,7 +37,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "hydralora": ("flylora", "HydraLoraConfig"),
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
-TRAIN_SPLITS = ("train", "carved-train")
+TRAIN_SPLITS = ("train", "carved-train", "carved-fit")  # carved-fit: carved-train minus carved-val
 RIEMANNIAN = ("riemannian_adamw", "riemannian_sgd")
 
 
@@ -47,6 +47,9 @@ class ModelSection:
 
     name_or_path: str = DEFAULT_MODEL  # HF id, local path, or an `embedded:` name
     dtype: str = "float32"  # storage dtype of the base weights (float32, bfloat16, float16)
+    quantization: str = "none"  # none, nf4, fp4 or int8: bitsandbytes W0 of the linear layers (quantization.py)
+    compute_dtype: Optional[str] = None  # 4-bit only: dtype of the dequantized matmul; null = dtype
+    double_quant: bool = False  # 4-bit only: also quantize the quantization constants (QLoRA)
 
 
 @dataclass
@@ -245,6 +248,12 @@ def validate(recipe: Recipe) -> Recipe:
     from .models import _DTYPES
 
     _choice("recipe.model.dtype", recipe.model.dtype, _DTYPES)
+    from .quantization import check_quantization
+
+    m = recipe.model
+    check_quantization(m.quantization, m.compute_dtype, m.double_quant, where="recipe.model.quantization")
+    if m.compute_dtype is not None:
+        _choice("recipe.model.compute_dtype", m.compute_dtype, _DTYPES)
     check_method_config(recipe.method.name, recipe.method.config)
     d, t, o = recipe.data, recipe.train, recipe.output
     _choice("recipe.data.split", d.split, TRAIN_SPLITS)
@@ -260,6 +269,19 @@ def validate(recipe: Recipe) -> Recipe:
     _positive("recipe.train.gradient_accumulation", t.gradient_accumulation)
     _positive("recipe.train.logging_steps", t.logging_steps)
     _positive("recipe.train.save_steps", t.save_steps)
+    # values the Trainer would silently ignore or treat as "off"
+    if t.save_total_limit is not None and t.save_total_limit < 1:
+        raise ValueError(f"recipe.train.save_total_limit: must be >= 1 or null (keep all), got {t.save_total_limit!r}")
+    if t.warmup_steps > 0 and t.warmup_ratio > 0:
+        raise ValueError(f"recipe.train.warmup_ratio: {t.warmup_ratio!r} would be ignored because warmup_steps="
+                         f"{t.warmup_steps} wins; set only one")
+    if t.use_reentrant and not t.gradient_checkpointing:
+        raise ValueError("recipe.train.use_reentrant: only used with gradient_checkpointing: true")
+    if d.limit_seed is not None and d.limit is None:
+        raise ValueError("recipe.data.limit_seed: only picks which rows data.limit keeps; set data.limit too")
+    _positive("recipe.train.dataloader_num_workers", t.dataloader_num_workers, strict=False)
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        raise ValueError(f"recipe.train.max_grad_norm: must be > 0 or null (no clipping), got {t.max_grad_norm!r}")
     _positive("recipe.train.weight_decay", t.weight_decay, strict=False)
     _positive("recipe.train.warmup_steps", t.warmup_steps, strict=False)
     if t.max_steps <= 0 and t.epochs <= 0:
@@ -342,6 +364,15 @@ def apply_overrides(data: dict, overrides: list[str] | dict | None) -> dict:
     return out
 
 
+def yaml_error_line(path: str | Path, e: Exception) -> str:
+    """`file:LINE:COL: invalid YAML: problem` (1-based, as editors count) for a YAML error."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -349,7 +380,9 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise ValueError(yaml_error_line(p, e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

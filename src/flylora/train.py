@@ -21,6 +21,10 @@ Run folder (`output.dir`):
   tensorboard/        event files, when the tensorboard package is installed
   adapter/            the final adapter (written to a temp folder, then os.replace'd)
   run.json            recipe, versions, seeds, parameter counts, losses, wall time, data provenance
+  .flylora            our marker: `output.overwrite` deletes only a folder that has it (fsutil)
+While it trains, the folder is locked (`.<dir>.lock` beside it): a second `train` into it is
+refused. A partial checkpoint is skipped on resume, and a run whose last checkpoint is already
+the end finishes from it without another step (flylora.checkpoints).
 
 Multi-process: `torchrun --nproc_per_node N -m flylora train r.yaml` or
 `accelerate launch -m flylora train r.yaml` (DDP). The Trainer gets
@@ -221,7 +225,10 @@ def _callbacks(recipe: Recipe) -> list:
 
     from .balance import RoutingBiasCallback
 
+    from .checkpoints import complete_marker_callback
+
     cbs: list = [RoutingBiasCallback()]  # once per optimizer step, counts all-reduced under DDP
+    cbs.append(complete_marker_callback())  # fsync + mark each checkpoint once fully written
     if recipe.method.name == "adalora":
         class AdaLoraAllocator(TrainerCallback):
             """AdaLoRA's rank budget: update_and_allocate after each step, before zero_grad."""
@@ -284,27 +291,40 @@ def training_arguments(recipe: Recipe, checkpoint_dir: Path, tensorboard: bool):
 
 # ----------------------------------------------------------------------------------- run folder
 def _prepare_run_dir(recipe: Recipe) -> tuple[Path, str | None]:
-    """Create/check the run folder; return (run_dir, checkpoint to resume from or None)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """Create/check the run folder; return (run_dir, checkpoint to resume from or None).
+
+    A folder flylora did not write is never used nor deleted (fsutil); incomplete checkpoints
+    (a kill or a full disk mid-save) are skipped, said in one line, and removed."""
+    from .checkpoints import last_complete_checkpoint
+    from .fsutil import check_writable_target, clean_stale_temps, remove_ours
 
     run_dir = recipe.run_dir
     o = recipe.output
+    check_writable_target(run_dir, "output.dir")
     ckpt_dir = run_dir / "checkpoints"
     finished = (run_dir / "run.json").is_file() and (run_dir / "adapter").is_dir()
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if finished and not o.overwrite:
         raise ValueError(f"{run_dir} already holds a finished run (run.json); set output.overwrite=true "
                          "to train again or choose another output.dir")
-    if o.overwrite or (o.resume == "never" and last is None):
+    last, skipped = (None, []) if o.overwrite else last_complete_checkpoint(ckpt_dir)
+    if o.overwrite or (o.resume == "never" and last is None and not skipped):
         if _rank() == 0 and run_dir.exists() and o.overwrite:
-            import shutil
-
-            shutil.rmtree(run_dir)
+            remove_ours(run_dir, "output.dir")
         _barrier()
         return run_dir, None
     if o.resume == "never":
         raise ValueError(f"{ckpt_dir} holds checkpoints but output.resume=never; set output.overwrite=true to "
                          "start over or output.resume=auto to continue")
+    _barrier()  # every rank has looked before rank 0 removes the incomplete ones
+    if _rank() == 0:
+        clean_stale_temps(run_dir)
+        for path, why in skipped:
+            import shutil
+
+            print(f"skipping incomplete checkpoint {path} ({why}); "
+                  + (f"resuming from {last}" if last else "starting from step 0"), file=sys.stderr, flush=True)
+            shutil.rmtree(path, ignore_errors=True)
+    _barrier()
     resume = last if o.resume == "auto" else o.resume
     saved = run_dir / "recipe.yaml"
     if resume is not None and saved.is_file():
@@ -328,9 +348,9 @@ def _barrier() -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from .fsutil import atomic_write_text  # temp, fsync, rename
+
+    atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------------- the API
@@ -339,13 +359,26 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
     """Train the recipe's adapter; returns the run folder (see the module docstring).
 
     `overrides`: ["train.lr=1e-3", ...] or {"train.lr": 1e-3}. `callbacks`: extra TrainerCallbacks.
-    Raises ValueError with one line for a bad recipe, before any model is loaded."""
+    Raises ValueError with one line for a bad recipe, before any model is loaded. The run folder
+    is locked while training: a second `train` into it is refused in one line."""
+    import contextlib
+
+    from .fsutil import dir_lock
+
+    recipe = load_recipe(recipe, list(overrides) if isinstance(overrides, (list, tuple)) else overrides)
+    # rank 0 holds the lock for all ranks of one (DDP) run
+    with dir_lock(recipe.run_dir, "output.dir") if _rank() == 0 else contextlib.nullcontext():
+        return _train(recipe, callbacks=callbacks)
+
+
+def _train(recipe: Recipe, overrides: Sequence[str] | dict | None = None, *,
+           callbacks: Sequence | None = None) -> Path:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, set_seed
 
     from .accounting import count_parameters
     from .merge.io import write_dir_atomically
-    from .models import load_model, load_tokenizer, resolve_model_path
+    from .models import load_model, load_tokenizer, record_base_model, resolve_model_path
 
     recipe = load_recipe(recipe, list(overrides) if isinstance(overrides, (list, tuple)) else overrides)
     tb = recipe.output.tensorboard
@@ -356,6 +389,11 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
     started = _dt.datetime.now().isoformat(timespec="seconds")
 
     # data first: a bad task/split fails before the model loads
+    from .fsutil import check_writable_target
+    from .loading import check_model_path
+
+    check_model_path(recipe.model.name_or_path)  # a missing local folder is one line, not a hub error
+    check_writable_target(recipe.run_dir, "output.dir")  # a file or someone else's folder: before any work
     model_path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(model_path, padding_side="right")  # causal-LM training pads on the right
     dataset, data = build_dataset(recipe, tokenizer)
@@ -366,16 +404,24 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
     _ = args.device  # sets up the device, and the process group under torchrun / accelerate launch
     run_dir, resume = _prepare_run_dir(recipe)
     if _rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        from .fsutil import ensure_dir
+
+        ensure_dir(run_dir, "output.dir", kind="train")  # one line if a file, read-only, ...
         _atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     old_tb_dir = os.environ.get("TENSORBOARD_LOGGING_DIR")
     if tb:  # read by transformers' TensorBoardCallback when training begins
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
     set_seed(recipe.train.seed)  # before the adapter exists: LoRA's random A init comes from it
-    model = load_model(model_path, dtype=recipe.model.dtype)
+    m = recipe.model
+    model = load_model(model_path, dtype=m.dtype, quantization=m.quantization, compute_dtype=m.compute_dtype,
+                       double_quant=m.double_quant)
+    if m.quantization != "none":  # as the official finetune.py (QLoRA): see flylora.quantization
+        from .quantization import prepare_for_training
+
+        model = prepare_for_training(model, recipe.train.gradient_checkpointing, recipe.train.use_reentrant)
     model = get_peft_model(model, peft_config)
-    model.peft_config["default"].base_model_name_or_path = recipe.model.name_or_path  # portable name
+    record_base_model(model.peft_config["default"], recipe.model.name_or_path)  # loadable path + our name
     if recipe.train.gradient_checkpointing and recipe.train.use_reentrant:
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     counts = count_parameters(model)
@@ -389,7 +435,9 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
                                processing_class=tokenizer, callbacks=_callbacks(recipe) + list(callbacks or ()),
                                recipe=recipe)
     try:
-        out = trainer.train(resume_from_checkpoint=resume)
+        from .checkpoints import train_or_recover
+
+        out = train_or_recover(trainer, resume)  # no extra step when `resume` is already the end
     finally:
         if tb:
             if old_tb_dir is None:
@@ -405,7 +453,8 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
         digests = [None] * dist.get_world_size()
         dist.all_gather_object(digests, digest)
     if trainer.is_world_process_zero():
-        write_dir_atomically(run_dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)), overwrite=True)
+        write_dir_atomically(run_dir / "adapter", lambda tmp: model.save_pretrained(str(tmp)), overwrite=True,
+                             kind="adapter")
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         info = {
             "flylora_run_version": RUN_VERSION,
@@ -419,7 +468,7 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
             "method": recipe.method.name,
             "peft_config": _jsonable(model.peft_config["default"].to_dict()),
             "model": {"name_or_path": recipe.model.name_or_path, "resolved_path": model_path,
-                      "dtype": recipe.model.dtype},
+                      "dtype": recipe.model.dtype, "quantization": recipe.model.quantization},
             "seeds": {"train": recipe.train.seed, "data": recipe.train.data_seed,
                       "projection": getattr(peft_config, "projection_seed", None),
                       "carve": recipe.data.carve_seed if data.split.startswith("carved") else None},

@@ -182,7 +182,9 @@ class FlyLoraLinear(nn.Module):
 
     ``update_bias()`` applies the load-balancing rule to the counts gathered since the last call;
     call it once per optimizer step. (The PEFT method in ``flylora.tuners`` is the same
-    computation with PEFT's multi-adapter semantics.)
+    computation with PEFT's multi-adapter semantics.) ``alpha`` defaults to 2r, the paper's
+    α/r = 2 (r=32, α=64). The routing bias and its counts stay fp32 through ``.half()`` /
+    ``.to(torch.bfloat16)``: in fp16 a 1e-3 step is lost once |d| ≥ 4.
     """
 
     def __init__(
@@ -190,7 +192,7 @@ class FlyLoraLinear(nn.Module):
         base: nn.Linear,
         r: int = 32,
         k: int = 8,
-        alpha: float = 64.0,
+        alpha: float | None = None,
         sparsity: float | None = None,
         topk_on: str = "signed",
         bias_update_rate: float = 1e-3,
@@ -199,6 +201,7 @@ class FlyLoraLinear(nn.Module):
     ):
         super().__init__()
         p = check_hyperparameters(r, k, sparsity, base.in_features)
+        alpha = 2.0 * r if alpha is None else alpha
         self.base, self.r, self.k, self.scale = base, r, k, alpha / r
         self.topk_on, self.bias_update_rate = topk_on, bias_update_rate
         cols, vals = sparse_projection(r, base.in_features, p, seed)
@@ -209,6 +212,15 @@ class FlyLoraLinear(nn.Module):
         self.register_buffer("counts", torch.zeros(r, device=dev), persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         base.requires_grad_(False)
+
+    def _apply(self, fn, recurse=True):
+        before = {name: self._buffers[name] for name in ("routing_bias", "counts")}
+        super()._apply(fn, recurse)
+        for name, old in before.items():  # casts move them, but they keep their fp32 values
+            t = self._buffers[name]
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                self._buffers[name] = old.float().to(t.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta, idx = routed_delta(x, self.A, self.B, self.routing_bias, self.k, self.scale, self.topk_on, self.dropout)

@@ -6,6 +6,9 @@ in forward double-counts under non-reentrant gradient checkpointing (forward is 
 and counts nothing under reentrant checkpointing (the first forward runs under no_grad). The
 autograd node below adds the counts of its forward when its backward runs, which happens exactly
 once per optimizer-relevant forward in every case, and never in eval or under ``torch.no_grad()``.
+
+When the bias is updated from those counts is the cadence (``BIAS_CADENCES``): once per optimizer
+step by the caller, or after every micro-batch's backward by ``AfterBackward`` below.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import math
 import torch
 
 TOPK_MODES = ("signed", "abs")
+BIAS_CADENCES = ("step", "micro_batch")  # when d is updated: once per optimizer step, or per backward
 _WIDENS_TO_FP32 = (torch.float32, torch.bfloat16, torch.float16)  # exactly representable in fp32
 
 
@@ -99,6 +103,60 @@ def count_on_backward(out: torch.Tensor, counts: torch.Tensor, sink: torch.Tenso
     if not (torch.is_grad_enabled() and out.requires_grad):
         return out
     return _AddCountsOnBackward.apply(out, counts, sink)
+
+
+class AfterBackward:
+    """Runs `fn` once when a backward pass through the armed outputs has finished.
+
+    `arm(outputs)` (called in a training forward) puts a gradient hook on each output tensor that
+    requires grad. The first hook to fire in a backward queues `fn` on the autograd engine
+    (`queue_callback`), which runs it after the engine has finished that whole backward: after
+    every node, including the counting nodes above, has run. Hooks fire once per backward graph
+    task, keyed by its id, so several armed outputs (or a micro-batch seen through two losses)
+    queue `fn` once. Why this is exactly once per micro-batch in every setting:
+      * plain loop / HF Trainer with gradient accumulation: one `loss.backward()` per micro-batch;
+      * non-reentrant gradient checkpointing: the recomputed forwards happen inside the backward,
+        before `fn`, and they recompute top-k with the same d as the original forward;
+      * reentrant checkpointing: the nested backwards of the checkpointed segments are other graph
+        tasks, but the hooks sit on the model outputs, outside any segment, so `fn` is queued on
+        the outer backward and runs after all segments;
+      * eval / no-grad forwards do not arm (the caller checks), and their outputs have no graph.
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self._queued_in: int | None = None  # graph task id that already queued fn
+
+    def arm(self, outputs) -> int:
+        """Hook the grad-requiring tensors of `outputs` (a tensor, a ModelOutput/dict, or a
+        tuple/list of them, one level deep). Returns how many were hooked."""
+        tensors = [t for t in _output_tensors(outputs) if t.requires_grad]
+        for t in tensors:
+            t.register_hook(self._on_grad)
+        return len(tensors)
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self._queued_in:  # a new backward (a failed earlier one cannot block it)
+            self._queued_in = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._run)
+
+    def _run(self) -> None:
+        self._queued_in = None
+        self.fn()
+
+
+def _output_tensors(outputs) -> list[torch.Tensor]:
+    if torch.is_tensor(outputs):
+        return [outputs]
+    items = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, (tuple, list)) else ()
+    out = []
+    for v in items:
+        if torch.is_tensor(v):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out.extend(t for t in v if torch.is_tensor(t))
+    return out
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ class AdapterInput:
     @property
     def eval_split(self) -> str:
         """carved-test for a model trained on carved-train (never `test`, which contains it)."""
-        return "carved-test" if self.train_split == "carved-train" else "test"
+        return "carved-test" if self.train_split in ("carved-train", "carved-fit") else "test"
 
 
 def resolve_inputs(specs: Sequence[str | tuple[str, str]], tasks: dict[str, str] | None = None) -> list[AdapterInput]:
@@ -97,7 +97,10 @@ def base_model_of(inputs: Sequence[AdapterInput], override: str | None = None) -
     """The base model every input was trained on (override wins; otherwise they must agree)."""
     if override:
         return override
-    bases = {a.config.get("base_model_name_or_path") for a in inputs}
+    from ..models import embedded_name_of
+
+    # an adapter records an embedded model as its cache path (older ones as `embedded:NAME`)
+    bases = {embedded_name_of(b) or b for b in (a.config.get("base_model_name_or_path") for a in inputs)}
     if len(bases) != 1 or None in bases:
         raise ValueError(f"adapters name different (or no) base models {sorted(map(str, bases))}; pass --base-model")
     return bases.pop()

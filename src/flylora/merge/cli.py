@@ -39,8 +39,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from flylora.merge.analysis import AdapterInput, base_model_of, load_task_factors, resolve_inputs
 
 METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "knots", "routed_union", "legacy_average")
@@ -100,6 +98,8 @@ def _write_lora(out: Path, factors: dict, base_name: str, info: dict, overwrite:
 
     from flylora.merge.io import ADAPTER_WEIGHTS, lora_config_for, lora_state_dict, write_dir_atomically
 
+    import torch
+
     config = lora_config_for(factors, base_model_name_or_path=base_name, task_type="CAUSAL_LM")
     tensors = lora_state_dict(factors, torch.float32)
 
@@ -112,6 +112,8 @@ def _write_lora(out: Path, factors: dict, base_name: str, info: dict, overwrite:
 
 
 def _write_full(out: Path, deltas: dict, base_name: str, dtype: str, info: dict, overwrite: bool) -> None:
+    import torch
+
     from flylora.merge.io import merged_full_weights, write_dir_atomically
     from flylora.models import load_model, load_tokenizer, resolve_model_path
 
@@ -136,6 +138,7 @@ def _write_legacy_routed(out: Path, inputs: list[AdapterInput], merged: dict, in
     """The official script's result as a loadable FlyLoRA adapter that routes: Ā (no longer sparse,
     the union of T supports) is stored in the file's sparse-A slots at sparsity 1 (all columns), so
     loading rebuilds exactly Ā; B̄ and d̄ are the adapter's B and routing bias."""
+    import torch
     from safetensors.torch import save_file
 
     from flylora.merge.io import ADAPTER_WEIGHTS, write_dir_atomically
@@ -166,6 +169,7 @@ def _write_legacy_routed(out: Path, inputs: list[AdapterInput], merged: dict, in
 def _write_legacy_tensorwise(out: Path, inputs: list[AdapterInput], info: dict, overwrite: bool) -> None:
     """Any other method: average every saved tensor across adapters, first adapter's config
     (exactly `fast_lora_average` in the official merge script)."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     from flylora.merge.io import ADAPTER_WEIGHTS, write_dir_atomically
@@ -202,8 +206,20 @@ def merge_adapters(inputs: Sequence[str | tuple[str, str]] | Sequence[AdapterInp
         raise ValueError(f"legacy_form must be 'routed' or 'dense', got {legacy_form!r}")
     base_name = base_model_of(ins, base_model)
     out = Path(out_dir)
+    from flylora.fsutil import check_writable_target, dir_lock
+
+    check_writable_target(out, "output folder", deleting=overwrite)  # --overwrite replaces only our folders
     if out.exists() and not overwrite:
         raise ValueError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
+    with dir_lock(out, "output folder"):  # a second merge into the same folder is refused
+        return _merge_locked(ins, method, out, fmt, base_name, start, weights=weights, density=density,
+                             majority=majority, seed=seed, dare_combine=dare_combine, knots_merge=knots_merge,
+                             rank=rank, legacy_form=legacy_form, dtype=dtype, overwrite=overwrite,
+                             analyze=analyze, analysis_dir=analysis_dir, analysis_prompts=analysis_prompts)
+
+
+def _merge_locked(ins, method, out, fmt, base_name, start, *, weights, density, majority, seed, dare_combine,
+                  knots_merge, rank, legacy_form, dtype, overwrite, analyze, analysis_dir, analysis_prompts) -> dict:
     types = sorted({i.peft_type for i in ins})
     info = {"flylora_merge_version": 1, "method": method, "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "inputs": [{"name": i.name, "adapter": i.adapter, "peft_type": i.peft_type, "task": i.task,
@@ -306,9 +322,9 @@ def merge_adapters(inputs: Sequence[str | tuple[str, str]] | Sequence[AdapterInp
 
 
 def _rewrite_info(out: Path, info: dict) -> None:
-    tmp = out / f".merge.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out / "merge.json")
+    from flylora.fsutil import atomic_write_text
+
+    atomic_write_text(out / "merge.json", json.dumps(info, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -320,16 +336,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", "-m", required=True, choices=METHODS)
     p.add_argument("--out", "-o", required=True, help="output folder (written atomically)")
     p.add_argument("--weights", help="comma-separated per-task weights (task_arithmetic, ties, dare, routed_union)")
-    p.add_argument("--density", type=float, default=0.5, help="TIES/DARE/KnOTS-TIES kept fraction (default 0.5)")
-    p.add_argument("--majority", choices=("total", "count"), default="total", help="TIES sign election")
-    p.add_argument("--seed", type=int, default=0, help="DARE drop masks")
-    p.add_argument("--dare-combine", choices=("sum", "ties"), default="sum")
-    p.add_argument("--knots-merge", choices=("ties", "mean"), default="ties")
+    p.add_argument("--density", type=float, help="TIES/DARE/KnOTS-TIES kept fraction (default 0.5)")
+    p.add_argument("--majority", choices=("total", "count"), help="TIES sign election (default total)")
+    p.add_argument("--seed", type=int, help="DARE drop masks (default 0)")
+    p.add_argument("--dare-combine", choices=("sum", "ties"), help="DARE: sum or TIES (default sum)")
+    p.add_argument("--knots-merge", choices=("ties", "mean"), help="KnOTS coefficient merge (default ties)")
     p.add_argument("--format", dest="output_format", choices=FORMATS, default="auto",
                    help="adapter (PEFT folder), full (W0+ΔW, save_pretrained) or auto (full for ties/dare)")
     p.add_argument("--rank", type=int, help="adapter format for ties/dare: SVD-truncate ΔW to this rank "
                                             "(default: full rank, exact)")
-    p.add_argument("--legacy-form", choices=("routed", "dense"), default="routed",
+    p.add_argument("--legacy-form", choices=("routed", "dense"),
                    help="legacy_average of FlyLoRA: routed (the official code: top-k over Āx + d̄, then B̄) or "
                         "dense (s·B̄·Ā LoRA; does NOT reproduce the official routing)")
     p.add_argument("--base-model", help="base model (default: the adapters' base_model_name_or_path)")
@@ -339,11 +355,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analyze", action="store_true",
                    help="interference analysis: ΔW cosines, ‖A_iA_jᵀ‖ vs theory, CKA, routing loads (JSON + PNG)")
     p.add_argument("--analysis-dir", help="where the analysis goes (default OUT/analysis)")
-    p.add_argument("--analysis-prompts", type=int, default=16, help="eval prompts per task for CKA/routing")
+    p.add_argument("--analysis-prompts", type=int, help="eval prompts per task for CKA/routing (default 16)")
     p.add_argument("--overwrite", action="store_true")
 
 
+# option -> (the methods that use it, its default): given for another method it would be ignored
+_METHOD_OPTIONS = {
+    "density": (("ties", "dare", "knots"), 0.5),
+    "majority": (("ties", "dare", "knots"), "total"),
+    "seed": (("dare",), 0),
+    "dare_combine": (("dare",), "sum"),
+    "knots_merge": (("knots",), "ties"),
+    "legacy_form": (("legacy_average",), "routed"),
+}
+
+
+def _check_ignored(args: argparse.Namespace) -> None:
+    """An option the chosen method (or output) would silently ignore is an error; then defaults."""
+    for key, (methods, default) in _METHOD_OPTIONS.items():
+        flag = "--" + key.replace("_", "-")
+        if getattr(args, key) is not None and args.method not in methods:
+            raise ValueError(f"{flag} does not apply to --method {args.method} (used by {', '.join(methods)})")
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if args.method == "knots" and args.knots_merge == "mean" and args.density != 0.5:
+        raise ValueError("--density does not apply to --knots-merge mean (only to its TIES merge)")
+    if args.method == "dare" and args.dare_combine == "sum" and args.majority != "total":
+        raise ValueError("--majority does not apply to --dare-combine sum (only to its TIES sign election)")
+    if args.rank is not None and (args.method not in ("ties", "dare") or args.output_format != "adapter"):
+        raise ValueError("--rank applies to ties/dare written as an adapter (--format adapter) only")
+    if not args.analyze and (args.analysis_dir is not None or args.analysis_prompts is not None):
+        raise ValueError("--analysis-dir/--analysis-prompts need --analyze")
+    if args.analysis_prompts is None:
+        args.analysis_prompts = 16
+    if args.analysis_prompts < 1:
+        raise ValueError(f"--analysis-prompts must be >= 1, got {args.analysis_prompts}")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_ignored(args)
     tasks = {}
     for spec in args.task:
         name, sep, task = spec.partition("=")

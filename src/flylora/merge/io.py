@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Mapping
@@ -59,8 +57,14 @@ def lora_config_for(adapter: Mapping[str, LowRankDelta], **config_kwargs):
     """
     from peft import LoraConfig
 
+    from flylora.models import loadable_base_name
+
     if not adapter:
         raise ValueError("adapter is empty: nothing to write")
+    if config_kwargs.get("base_model_name_or_path") is not None:
+        # an `embedded:` name is not something transformers loads (AutoPeftModel*): record its local
+        # folder; resolve_model_path maps that folder back to the embedded model on another machine
+        config_kwargs["base_model_name_or_path"] = loadable_base_name(config_kwargs["base_model_name_or_path"])
     ranks = {name: f.rank for name, f in adapter.items()}
     counts = Counter(ranks.values())
     r = max(counts, key=lambda x: (counts[x], -x))  # most common, smallest on ties
@@ -77,40 +81,15 @@ def lora_config_for(adapter: Mapping[str, LowRankDelta], **config_kwargs):
     )
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_dir_atomically(
-    out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False
+    out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False, kind: str = "merge"
 ) -> Path:
-    """Run `write(tmp_dir)` in a temp dir next to `out_dir`, then os.replace it into place, so a
-    reader never sees a half-written folder. An existing `out_dir` is replaced only if `overwrite`."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ValueError(f"output folder {str(out)!r} already exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give it a normal folder's mode
-    old = None
-    try:
-        write(tmp)
-        if out.exists():
-            # os.replace cannot replace a non-empty folder: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old / out.name, out)  # put the previous version back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out
+    """Run `write(tmp_dir)` in a temp dir next to `out_dir`, fsync it, then os.replace it into place,
+    so a reader never sees a half-written folder (flylora.fsutil.atomic_dir). An existing `out_dir`
+    is replaced only if `overwrite`, and only when flylora wrote it; the new one gets our marker."""
+    from flylora.fsutil import atomic_dir
+
+    return atomic_dir(out_dir, write, overwrite=overwrite, kind=kind)
 
 
 def save_peft_lora_adapter(

@@ -7,6 +7,10 @@ Splits (the names go into every results file):
   carved-train  offline stand-in for `train`: a seeded, label-stratified half of the shipped
   carved-test   evaluation rows, and the other half. Models trained on carved-train must be
                 evaluated on carved-test, never on `test` (which contains carved-train).
+  carved-fit    carved-train split again (seeded, stratified, VAL_FRACTION to carved-val):
+  carved-val    a validation carve for model selection (e.g. flylora.sweep's lr choice) that is
+                disjoint from carved-test by construction; train on carved-fit, select on
+                carved-val, report on carved-test.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from . import scoring
 from .sources import LOCAL_FORMATS, Hub, Loaded, RawRow, RowError, load_hub, read_local
 from .templates import apply_chat_template, get_template
 
-SPLITS = ("train", "test", "carved-train", "carved-test")
+SPLITS = ("train", "test", "carved-train", "carved-test", "carved-fit", "carved-val")
+VAL_FRACTION = 0.2  # carved-val = this share of carved-train; carved-fit = the rest
 TRUNCATION = ("keep_target", "right")
 
 
@@ -161,6 +166,15 @@ class Task:
                 f"(seed={seed}, stratified on {self.carve_key or 'nothing'}, salt={self.name!r})")
         return Loaded(part, desc, split, [desc])
 
+    def load_val_carve(self, split: str, path: str | None, seed: int, train_fraction: float) -> Loaded:
+        """carved-fit / carved-val: carved-train carved again (same `carve`, salt `<name>:val`),
+        so carved-val never shares a row with carved-test or carved-fit."""
+        whole = self.load_carved("carved-train", path, seed, train_fraction)
+        fit, val = carve(whole.rows, seed, 1.0 - VAL_FRACTION, self.carve_key, salt=f"{self.name}:val")
+        part, frac = (fit, 1.0 - VAL_FRACTION) if split == "carved-fit" else (val, VAL_FRACTION)
+        desc = f"{split}: seeded stratified {frac:.0%} of [{whole.source}] (salt={self.name + ':val'!r})"
+        return Loaded(part, desc, split, [*whole.notes, desc])
+
     def load(self, split: str = "test", path: str | None = None, limit: int | None = None,
              seed: int = 0, train_fraction: float = 0.5, limit_seed: int | None = None) -> Loaded:
         """Canonical rows of `split` (see the module docstring for split names).
@@ -169,11 +183,13 @@ class Task:
         `limit_seed` is given."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-        if split in ("train", "carved-train") and not self.trainable:
+        if split in ("train", "carved-train", "carved-fit") and not self.trainable:
             raise ValueError(f"task {self.name!r} is evaluation-only; it has no {split} split")
-        if split in ("test", "carved-test") and not self.evaluable:
+        if split in ("test", "carved-test", "carved-val") and not self.evaluable:
             raise ValueError(f"task {self.name!r} is a training set; evaluate on its eval tasks")
-        if split.startswith("carved-"):
+        if split in ("carved-fit", "carved-val"):
+            data = self.load_val_carve(split, path, seed, train_fraction)
+        elif split.startswith("carved-"):
             data = self.load_carved(split, path, seed, train_fraction)
         else:
             data = self.load_real(split, path)

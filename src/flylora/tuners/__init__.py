@@ -21,3 +21,8 @@ __all__ += [
     "SplitLoraConfig", "SplitLoraLayer", "SplitLoraModel",
     "TopLoraConfig", "TopLoraLayer", "TopLoraModel",
 ]  # fmt: skip
+
+# PEFT's own loaders refuse official FlyLoRA checkpoints with one line naming `flylora convert`
+from ..interop.detect import install_peft_check  # noqa: E402
+
+install_peft_check()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -19,9 +20,32 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..quantization import merge_refusal, quantized_kind
+
 # paper Table 18: every attention and MLP projection
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-batch inference
+
+
+class MethodType(str):
+    """A registered method's name that reads like a member of `peft.PeftType`.
+
+    PeftType is a `str` Enum that a third-party package cannot extend, so our configs hold a plain
+    string; but PEFT and transformers read `config.peft_type.value` (transformers' native adapter
+    loading, `get_peft_model(..., mixed=True)`'s error, the Trainer's log line). A `str` subclass
+    with `.value` / `.name` satisfies both: it hashes and compares as the string (so the mapping
+    dicts and `== "FLYLORA"` work) and serialises to JSON as the string.
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
 
 
 @dataclass
@@ -42,19 +66,49 @@ class AdapterConfig(PeftConfig):
         default=None, metadata={"help": "extra modules trained in full and saved (e.g. a classifier head)"}
     )
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "unused; PEFT reads it"})
+    flylora_base_model: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "flylora's own name of the base model (e.g. embedded:smollm2-135m-instruct) when "
+            "base_model_name_or_path holds the local folder it resolves to (what transformers loads)"
+        },
+    )
 
     #: subclasses set the registered method name, e.g. "FLYLORA"
     method_name = ""
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = self.method_name
+        self.peft_type = MethodType(self.method_name)
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r={self.r!r} is not allowed: r must be a positive integer")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} is not allowed: it must lie in [0, 1)")
+        self._relocate_base_model()
+
+    def _relocate_base_model(self) -> None:
+        """An adapter saved on another machine records that machine's cache folder of an embedded
+        base model; point it at this machine's (converted on first use), so AutoPeftModel* and
+        transformers' native loading find the base. Left as is when that cannot be done here."""
+        path = self.base_model_name_or_path
+        if self.flylora_base_model is None or path is None or os.path.exists(str(path)):
+            return
+        from ..models import embedded_name_of, resolve_model_path
+
+        if embedded_name_of(self.flylora_base_model) is None:
+            return
+        try:
+            self.base_model_name_or_path = resolve_model_path(self.flylora_base_model)
+        except (FileNotFoundError, ValueError, OSError):  # embedded package missing here: keep the record
+            pass
+
+    def __setattr__(self, name, value):
+        # whoever assigns a plain string (PEFT's from_peft_type, user code) still gets the enum-like form
+        if name == "peft_type" and type(value) is str:
+            value = MethodType(value)
+        super().__setattr__(name, value)
 
     @classmethod
     def check_kwargs(cls, **kwargs):
@@ -150,7 +204,11 @@ class AdapterLinear(nn.Module, BaseTunerLayer):
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        for name in check_adapters_to_merge(self, adapter_names):
+        names = check_adapters_to_merge(self, adapter_names)
+        kind = quantized_kind(self.get_base_layer())
+        if kind and names:  # a 4-bit / int8 W0: refused, see flylora.quantization
+            raise ValueError(merge_refusal(self.layer_key, kind))
+        for name in names:
             if not self.has_adapter(name):
                 continue
             w = self.get_base_weight()
@@ -229,6 +287,11 @@ class AdapterTuner(BaseTuner):
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(known)}")
         layers = [m for m in self.model.modules() if isinstance(m, AdapterLinear)]
+        if any(layer.merged for layer in layers):
+            # as PEFT's LoRA: a merged adapter is inside W0 for every row, so per-row choice is undefined
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
         if kwargs.get("num_beams", 1) not in (None, 1):
             raise ValueError("adapter_names with beam search is not supported; use num_beams=1")
         for layer in layers:
@@ -245,6 +308,10 @@ class AdapterTuner(BaseTuner):
             reason = self.merge_blocker(config)
             if reason and name in self.active_adapters:
                 raise ValueError(f"adapter {name!r} cannot be merged into the base weights: {reason}")
+        for layer in self.model.modules():  # before any layer merges: never half a merged model
+            kind = quantized_kind(layer.get_base_layer()) if isinstance(layer, AdapterLinear) else None
+            if kind:
+                raise ValueError(merge_refusal(layer.layer_key, kind))
 
     def merge_blocker(self, config: AdapterConfig) -> str | None:
         """Why an adapter of this config cannot be merged exactly, or None if it can."""

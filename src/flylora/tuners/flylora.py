@@ -6,11 +6,12 @@ Per adapter, each targeted nn.Linear holds
   flylora_A_vals  (r, p) values, ditto; then saved so the adapter file is self-contained
   flylora_B       (m, r) the only trainable tensor
   flylora_bias    (r,) routing bias d, a persistent fp32 buffer (it changes inference, so it is saved)
+  flylora_seed    (1,) int64 projection_seed A was built from, saved, so a state dict carries A's identity
+                  (seed agreement across ranks and the A fingerprint: `flylora.tuners.projection`)
 The math lives in `flylora.layers.flylora`; this file is PEFT bookkeeping.
 """
 from __future__ import annotations
 
-import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,9 +20,12 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from ..layers.flylora import check_hyperparameters, densify, layer_seed, routed_delta, sparse_projection
-from ..layers.routing import TOPK_MODES, count_on_backward, index_counts
+from ..layers.flylora import check_hyperparameters, densify, routed_delta
+from ..layers.routing import BIAS_CADENCES, TOPK_MODES, AfterBackward, count_on_backward, index_counts
 from .base import AdapterConfig, AdapterLinear, AdapterTuner, register_method
+from .projection import (
+    Fp32BufferDict, ProjectionLayerMixin, ProjectionTunerMixin, resolve_projection_seed,
+)  # fmt: skip
 
 
 @dataclass
@@ -39,11 +43,20 @@ class FlyLoraConfig(AdapterConfig):
         metadata={"help": "'signed': top-k of (Ax+d) (paper Eq. 10, official PEFT code); 'abs': of |Ax+d| (flylora.py)"},
     )
     bias_update_rate: float = field(default=1e-3, metadata={"help": "u in d_i += u·sign(mean(c) - c_i)"})
+    bias_update_every: str = field(
+        default="step",
+        metadata={"help": "'step': update d once per optimizer step (update_routing_bias / RoutingBiasCallback); "
+                  "'micro_batch': after every training micro-batch's backward, automatically (official cadence)"},
+    )
     projection_seed: Optional[int] = field(
         default=None,
         metadata={"help": "seed of A; default: drawn fresh (and saved), so two adapters get independent A"},
     )
     save_projection: bool = field(default=False, metadata={"help": "also store A (sparse) in the adapter file"})
+    projection_fingerprint: Optional[str] = field(
+        default=None,
+        metadata={"help": "sha256 of A (written by save_pretrained); A regenerated from the seed must match it"},
+    )
 
     method_name = "FLYLORA"
 
@@ -54,12 +67,11 @@ class FlyLoraConfig(AdapterConfig):
             raise ValueError(f"topk_on={self.topk_on!r} is not allowed; use one of {list(TOPK_MODES)}")
         if not self.bias_update_rate >= 0:
             raise ValueError(f"bias_update_rate={self.bias_update_rate!r} is not allowed: it must be >= 0")
-        if self.projection_seed is None:
-            # fresh entropy, not torch's RNG: with set_seed(23) before every task, the official code
-            # gives every task adapter the same A, which voids the merge-orthogonality argument
-            self.projection_seed = secrets.randbits(62)
-        elif not isinstance(self.projection_seed, int) or isinstance(self.projection_seed, bool):
-            raise ValueError(f"projection_seed={self.projection_seed!r} is not allowed: it must be an int")
+        if self.bias_update_every not in BIAS_CADENCES:
+            raise ValueError(
+                f"bias_update_every={self.bias_update_every!r} is not allowed; use one of {list(BIAS_CADENCES)}"
+            )
+        resolve_projection_seed(self)  # a fresh seed when unset (agreed across ranks on injection)
 
 
 def _set_persistent(buffers: BufferDict, key: str, persistent: bool) -> None:
@@ -88,11 +100,12 @@ class _RoutingContext:
         return hit[2]
 
 
-class FlyLoraLayer(AdapterLinear):
+class FlyLoraLayer(ProjectionLayerMixin, AdapterLinear):
     adapter_layer_names = ("flylora_B",)
     other_param_names = (
         "flylora_A", "flylora_A_cols", "flylora_A_vals", "flylora_bias", "flylora_dropout",
-        "r", "k", "scaling", "topk_on", "bias_update_rate",
+        "r", "k", "scaling", "topk_on", "bias_update_rate", "bias_update_every",
+        "flylora_seed", "a_seed", "a_nnz", "a_digest",
     )  # fmt: skip
 
     WARN_AFTER_FORWARDS = 1000
@@ -100,11 +113,13 @@ class FlyLoraLayer(AdapterLinear):
     def _create_containers(self) -> None:
         self.flylora_B = nn.ParameterDict()
         self.flylora_A = BufferDict(persistent=False)
-        self.flylora_A_cols = BufferDict(persistent=True)
-        self.flylora_A_vals = BufferDict(persistent=True)
-        self.flylora_bias = BufferDict(persistent=True)
+        self.flylora_A_cols = _SparseFormDict(self)
+        self.flylora_A_vals = _SparseFormDict(self)
+        self.flylora_bias = Fp32BufferDict(persistent=True)  # fp32 through model.half() too
+        self._create_projection_containers()  # flylora_seed, a_seed, a_nnz, a_digest
         self.flylora_dropout = nn.ModuleDict()
         self.r, self.k, self.scaling, self.topk_on, self.bias_update_rate = {}, {}, {}, {}, {}
+        self.bias_update_every: dict[str, str] = {}
         self.routing_context: Optional[_RoutingContext] = None
         # counts are plain tensors, not buffers: DDP broadcasts buffers from rank 0 on every forward
         self.pending_counts: dict[str, torch.Tensor] = {}
@@ -116,11 +131,8 @@ class FlyLoraLayer(AdapterLinear):
     def update_layer(self, adapter_name: str, config: FlyLoraConfig) -> None:
         r, k, n, m = config.r, config.k, self.in_features, self.out_features
         p = check_hyperparameters(r, k, config.sparsity, n)
-        cols, vals = sparse_projection(r, n, p, layer_seed(config.projection_seed, self.layer_key))
-        if config.save_projection:
-            self.flylora_A_cols[adapter_name] = cols
-            self.flylora_A_vals[adapter_name] = vals
-        self.flylora_A[adapter_name] = densify(cols, vals, n)  # (r, n)
+        # A (r, n) and, with save_projection, its sparse form (r, p); flylora_seed records the seed
+        self.build_projection(adapter_name, config.projection_seed, r, p, keep_sparse=config.save_projection)
         self.flylora_B[adapter_name] = nn.Parameter(torch.zeros(m, r))  # (m, r), zero: starts at W0
         self.flylora_bias[adapter_name] = torch.zeros(r)
         self.flylora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
@@ -128,6 +140,7 @@ class FlyLoraLayer(AdapterLinear):
         self.scaling[adapter_name] = config.lora_alpha / r
         self.topk_on[adapter_name] = config.topk_on
         self.bias_update_rate[adapter_name] = config.bias_update_rate
+        self.bias_update_every[adapter_name] = getattr(config, "bias_update_every", "step")  # LoRA-FA: none
         self._finish_update(adapter_name)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
@@ -201,6 +214,28 @@ def _rebuild_dense_projection(layer: FlyLoraLayer, incompatible_keys) -> None:
         layer.flylora_A[name] = densify(layer.flylora_A_cols[name], layer.flylora_A_vals[name], A.shape[1]).to(A)
 
 
+class _SparseFormDict(Fp32BufferDict):
+    """A BufferDict for A's sparse form (cols or vals) that re-densifies A when a loader assigns a
+    tensor with setattr: transformers' native adapter loading (`from_pretrained(adapter_dir)`,
+    `load_adapter`) sets each buffer that way, bypassing load_state_dict and so the post-hook above.
+    The layer is held as a plain attribute (not a submodule), so deepcopy maps it to the copy."""
+
+    def __init__(self, layer: "FlyLoraLayer"):
+        super().__init__(persistent=True)
+        object.__setattr__(self, "_layer", layer)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        layer = self.__dict__.get("_layer")
+        if layer is None or name not in self._buffers:
+            return
+        mods = layer.__dict__["_modules"]
+        cols, vals, dense = (mods.get(a, {}) for a in ("flylora_A_cols", "flylora_A_vals", "flylora_A"))
+        if name in cols and name in vals and name in dense and cols[name].shape == vals[name].shape:
+            A = dense[name]  # the other half may still be the seed's until it is assigned too
+            dense[name] = densify(cols[name], vals[name].to(cols[name].device), A.shape[1]).to(A)
+
+
 def merge_blocker_text(k: int, r: int) -> str:
     return (
         f"FlyLoRA with k={k} < r={r} routes every token to its own top-k experts, so the update depends "
@@ -209,7 +244,7 @@ def merge_blocker_text(k: int, r: int) -> str:
     )
 
 
-class FlyLoraModel(AdapterTuner):
+class FlyLoraModel(ProjectionTunerMixin, AdapterTuner):
     prefix = "flylora_"
     tuner_layer_cls = FlyLoraLayer
     layer_cls = FlyLoraLayer
@@ -223,6 +258,23 @@ class FlyLoraModel(AdapterTuner):
         if getattr(self, "_mask_hook", None) is None:
             self._attach_existing_layers(model)
             self._mask_hook = model.register_forward_pre_hook(self._capture_attention_mask, with_kwargs=True)
+        self._projection_injected(config, adapter_name)  # fresh seeds to agree on; fingerprint check
+        if getattr(self, "_micro_batch_hook", None) is None:
+            self._micro_batch_update = AfterBackward(self._update_micro_batch_biases)
+            self._micro_batch_hook = model.register_forward_hook(self._arm_micro_batch_update)
+
+    def _arm_micro_batch_update(self, module, args, output):
+        """In a training forward with grad, arrange the "micro_batch" bias update for after its
+        backward (layers.routing.AfterBackward). Cheap when no adapter uses that cadence."""
+        if module.training and torch.is_grad_enabled() and any(
+            c.bias_update_every == "micro_batch" for c in self.peft_config.values() if isinstance(c, FlyLoraConfig)
+        ):
+            self._micro_batch_update.arm(output)
+
+    def _update_micro_batch_biases(self) -> None:
+        from ..balance import update_routing_bias  # balance imports this module
+
+        update_routing_bias(self, cadence="micro_batch")
 
     def _attach_existing_layers(self, model: nn.Module) -> None:
         for module in model.modules():
@@ -230,6 +282,8 @@ class FlyLoraModel(AdapterTuner):
                 self._attach(module)
 
     def _capture_attention_mask(self, module, args, kwargs):
+        if getattr(self, "_pending_seed_sync", None) and module.training and torch.is_grad_enabled():
+            self._sync_pending_seeds()  # adapters created before init_process_group: take rank 0's A
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
             mask = args[1]
@@ -242,6 +296,9 @@ class FlyLoraModel(AdapterTuner):
         if getattr(self, "_mask_hook", None) is not None:
             self._mask_hook.remove()
             self._mask_hook = None
+        if getattr(self, "_micro_batch_hook", None) is not None:
+            self._micro_batch_hook.remove()
+            self._micro_batch_hook = None
         return model
 
     def merge_blocker(self, config: FlyLoraConfig) -> Optional[str]:

@@ -7,12 +7,12 @@ LoRA-FA"), so it shares FlyLoRA's layer, state and code path: the adapter file h
 """
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 from typing import Optional
 
 from .base import AdapterConfig, register_method
 from .flylora import FlyLoraLayer, FlyLoraModel
+from .projection import resolve_projection_seed
 
 
 @dataclass
@@ -26,6 +26,9 @@ class LoraFaConfig(AdapterConfig):
         default=None, metadata={"help": "seed of the frozen A; default: drawn fresh (and saved)"}
     )
     save_projection: bool = field(default=False, metadata={"help": "also store A in the adapter file"})
+    projection_fingerprint: Optional[str] = field(
+        default=None, metadata={"help": "sha256 of A (written by save_pretrained); a regenerated A must match it"}
+    )
 
     method_name = "LORA_FA"
 
@@ -40,10 +43,7 @@ class LoraFaConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.projection_seed is None:
-            self.projection_seed = secrets.randbits(62)  # as FlyLoraConfig: independent A per adapter
-        elif not isinstance(self.projection_seed, int) or isinstance(self.projection_seed, bool):
-            raise ValueError(f"projection_seed={self.projection_seed!r} is not allowed: it must be an int")
+        resolve_projection_seed(self)  # as FlyLoraConfig: a fresh, rank-agreed seed when unset
 
 
 class LoraFaLayer(FlyLoraLayer):

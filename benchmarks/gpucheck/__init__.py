@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/gpu_check.py (one module per section)."""
