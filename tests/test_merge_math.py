@@ -452,7 +452,8 @@ def test_merged_lora_adapter_round_trips_through_peft(tmp_path):
     weights = [0.8, -0.6]
     merged = task_arithmetic(tasks, weights)
     out = save_peft_lora_adapter(task_arithmetic_lowrank(tasks, weights), tmp_path / "merged")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # the adapter files plus our ownership marker (fsutil: only folders carrying it may be replaced)
+    assert sorted(p.name for p in out.iterdir()) == [".flylora", "adapter_config.json", "adapter_model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp dirs cleaned up
     cfg = json.loads((out / "adapter_config.json").read_text())
     # concatenated ranks: q 2+3 = 5, v 4+1 = 5, down 3+3 = 6 -> r = 5 and down_proj in rank_pattern

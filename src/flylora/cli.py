@@ -114,8 +114,27 @@ def _expected(e: BaseException) -> bool:
         return False
 
 
+# known third-party deprecation notices that say nothing about the user's run (transformers 5 renames
+# and torch.jit internals reached through transformers/peft); the CLI keeps every other warning
+_DEPRECATION_NOISE = (
+    r"`is_gradient_checkpointing` is deprecated",
+    r"`gradient_checkpointing_enable` is deprecated",
+    r"`past_key_values` is deprecated",
+    r"`torch\.jit\.script_method` is deprecated",
+)
+
+
+def _quiet_known_deprecations() -> None:
+    import warnings
+
+    for message in _DEPRECATION_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_deprecations()
     commands = _available()
     chosen = _first_command(argv)
     mod = None

@@ -125,8 +125,8 @@ def merge_refusal(layer_key: str, kind: str) -> str:
 def prepare_for_training(model, gradient_checkpointing: bool, use_reentrant: bool):
     """PEFT's `prepare_model_for_kbit_training` for a quantized base (as the official finetune.py):
     freezes the base, casts the non-quantized fp16/bf16 parameters (embeddings, norms, lm_head) to
-    fp32, and, with reentrant checkpointing, makes the inputs require grad. Gradient checkpointing
-    itself stays with the Trainer (recipe.train.gradient_checkpointing)."""
+    fp32, and, when `gradient_checkpointing` (recipe.train.gradient_checkpointing), enables it with
+    `use_reentrant` as the Trainer would, making the inputs require grad for the reentrant kind."""
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(
