@@ -120,3 +120,11 @@ def test_tiny_sweep_selects_on_validation_only(tmp_path, monkeypatch):
         assert set(res["reference"]["single"][m]["glue:sst2"]) == {"0", "1"}
     md = (out / "report.md").read_text()
     assert "## Validation" in md and "(own best lr)" in md and "(shared lr)" in md and "merged (weight_average)" in md
+
+
+def test_flylora_sweep_command_gives_one_line_for_a_missing_spec(tmp_path, capsys):
+    from flylora import cli
+
+    assert cli.main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flylora sweep: error:") and "missing.yaml" in err[0]

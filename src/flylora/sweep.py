@@ -253,21 +253,30 @@ def _timing(out: Path, now: dict) -> dict:
     return {"invocations": log, "wall_s_all_invocations": round(sum(i["total_s"] for i in log), 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flylora.sweep", description=__doc__.splitlines()[0])
-    p.add_argument("spec")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        results = run_sweep(args.spec, args.overrides, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="sweep spec YAML, e.g. recipes/cpu/lr_sweep_smollm2.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides, e.g. 'final.seeds=[0,1,2]'")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`flylora sweep`: errors propagate to the dispatcher, which prints them in one line."""
+    results = run_sweep(args.spec, args.overrides, progress=not args.no_progress)
     from .sweep_report import markdown
 
     print(markdown(results))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flylora.sweep", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
