@@ -2,6 +2,7 @@
 batch; writes its B's and routing biases. With `single`, one process trains on the whole batch,
 which DDP with gradient averaging and all-reduced counts must reproduce."""
 import datetime
+import faulthandler
 import os
 import sys
 
@@ -16,6 +17,10 @@ import flylora  # noqa: E402
 from conftest import make_model  # noqa: E402
 
 STEPS = 3
+# a rank stuck outside a collective (which the process-group timeout would catch) is turned into a
+# failure with every thread's stack on stderr, instead of a silent wait for the test's timeout
+HANG_S = 100
+HANG_MARK = "Timeout (0:01:40)!"
 
 
 def batch():
@@ -48,6 +53,7 @@ def snapshot(model):
 
 
 def worker(rank, world, out_dir):
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
     # file rendezvous: no TCP port to pick (a port freed by one test and taken by another's
     # torchrun left this run waiting); a timeout turns any other hang into a failure
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{out_dir}/rendezvous",
@@ -77,4 +83,10 @@ if __name__ == "__main__":
             flylora.update_routing_bias(model)
         torch.save(snapshot(model), os.path.join(out_dir, "single.pt"))
     else:
+        rendezvous = os.path.join(out_dir, "rendezvous")
+        if os.path.exists(rendezvous):  # a retried run must not meet the first run's store
+            os.remove(rendezvous)
+        for leftover in ("rank0.pt", "rank1.pt"):
+            if os.path.exists(os.path.join(out_dir, leftover)):
+                os.remove(os.path.join(out_dir, leftover))
         mp.spawn(worker, args=(2, out_dir), nprocs=2, join=True)

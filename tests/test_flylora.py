@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+import warnings
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -256,7 +258,17 @@ def test_bias_stays_fp32_in_a_bf16_model():
 def test_ddp_two_gloo_processes_keep_identical_b_and_d(tmp_path):
     """2 gloo ranks on halves of a batch end with identical B and d, equal to one process on the
     whole batch (gradients averaged, counts all-reduced before the sign update)."""
-    run_child("ddp_child.py", "ddp", str(tmp_path))
+    try:
+        run_child("ddp_child.py", "ddp", str(tmp_path))
+    except AssertionError as e:
+        # a rank that hung (seen twice in loaded full-suite runs, never alone: 17-28 s per run) is
+        # reported by ddp_child's watchdog with every stack; one retry, and a second hang fails
+        from ddp_child import HANG_MARK
+
+        if HANG_MARK not in str(e):
+            raise
+        warnings.warn(f"ddp_child hung once and was retried:\n{e}")
+        run_child("ddp_child.py", "ddp", str(tmp_path))
     run_child("ddp_child.py", "single", str(tmp_path))
     r0, r1, single = (torch.load(tmp_path / f) for f in ("rank0.pt", "rank1.pt", "single.pt"))
     assert r0.keys() == r1.keys() == single.keys()
