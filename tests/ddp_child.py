@@ -64,7 +64,12 @@ def worker(rank, world, out_dir):
     half = slice(2 * rank, 2 * rank + 2)
     train(model, ids[half], mask[half], ddp)
     torch.save(snapshot(model), os.path.join(out_dir, f"rank{rank}.pt"))
+    # the one hang this child showed (twice, in loaded full-suite runs) was after the work, as the
+    # worker returned: DDP's reducer torn down after its process group. Tear down in order instead.
+    del ddp
+    dist.barrier()
     dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":
