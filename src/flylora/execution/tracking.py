@@ -33,15 +33,37 @@ def _account_exists(uid: int) -> bool:
         return False
 
 
+def _lease_folder() -> Path:
+    # one place per machine whatever TMPDIR says, so every flylora process sees the same locks
+    folder = Path("/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()) / "flylora-sandbox-uids"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def unleased(uid: int):
+    """Hold `uid`'s lease while the block runs if no sample holds it (yields True), else yield
+    False: a process of a uid that nobody leases is a leak; one of a leased uid may belong to the
+    sample that took the uid after ours released it (concurrent evaluations)."""
+    fd = os.open(_lease_folder() / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def uid_lease():
     """Yield a uid held by no other sample (None when not root: nothing to switch to)."""
     if os.geteuid() != 0:
         yield None
         return
-    # one place per machine whatever TMPDIR says, so every flylora process sees the same locks
-    folder = Path("/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()) / "flylora-sandbox-uids"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    folder = _lease_folder()
     for uid in range(UID_BASE, UID_BASE + UID_COUNT):
         if _account_exists(uid):
             continue
