@@ -117,18 +117,22 @@ def slug(text: str) -> str:
     return re.sub(r"[^\w.-]+", "-", text).strip("-")
 
 
+def read_spec_source(source: str | os.PathLike | dict, overrides: list[str] | dict | None = None) -> tuple[dict, Path]:
+    """(spec dict with overrides applied and `name` defaulting to the file's stem, folder that
+    relative paths in it resolve from) for a YAML path or an already-parsed dict."""
+    if isinstance(source, dict):
+        return apply_overrides(source, overrides), Path(".")
+    data = read_yaml(source)
+    data.setdefault("name", Path(source).stem)
+    return apply_overrides(data, overrides), Path(source).parent
+
+
 def load_spec(source: str | os.PathLike | dict, overrides: list[str] | dict | None = None) -> tuple[ExperimentSpec, dict]:
     """(validated spec, base recipe dict). A relative `recipe:` path is relative to the spec file."""
     from .merge.cli import METHODS as MERGE_METHODS
 
-    base_dir = Path(".")
-    if isinstance(source, dict):
-        data = source
-    else:
-        data = read_yaml(source)
-        data.setdefault("name", Path(source).stem)
-        base_dir = Path(source).parent
-    spec = _build(ExperimentSpec, apply_overrides(data, overrides), "spec")
+    data, base_dir = read_spec_source(source, overrides)
+    spec = _build(ExperimentSpec, data, "spec")
     merges = {}
     for label, m in spec.merges.items():
         merges[label] = _build(MergeSpec, m or {}, f"spec.merges.{label}")

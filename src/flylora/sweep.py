@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .experiment import _json, _write_json, mean_std, run_experiment
+from .experiment import _json, _write_json, mean_std, read_spec_source, run_experiment
 from .recipe import _build, apply_overrides, read_yaml
 
 SWEEP_VERSION = 1
@@ -86,14 +86,8 @@ def lr_label(label: str, lr: float) -> str:
 
 def load_sweep(source: str | Path | dict, overrides: list[str] | dict | None = None) -> tuple[SweepSpec, dict, Path]:
     """(validated sweep spec, experiment spec dict with its recipe inlined, folder relative paths resolve from)."""
-    base_dir = Path(".")
-    if isinstance(source, dict):
-        data = source
-    else:
-        data = read_yaml(source)
-        data.setdefault("name", Path(source).stem)
-        base_dir = Path(source).parent
-    spec = _build(SweepSpec, apply_overrides(data, overrides), "sweep")
+    data, base_dir = read_spec_source(source, overrides)
+    spec = _build(SweepSpec, data, "sweep")
     if len(spec.lrs) < 2 or len(set(spec.lrs)) != len(spec.lrs) or any(lr <= 0 for lr in spec.lrs):
         raise ValueError(f"sweep.lrs: needs at least 2 distinct positive learning rates, got {spec.lrs!r}")
     for section in ("select", "final"):

@@ -224,22 +224,19 @@ def descendants(root: int) -> list[int]:
 
 def kill_tree(root: int, wait_s: float = 10.0) -> list[int]:
     """SIGKILL every descendant of `root` until none is left; returns what survived."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        pids = descendants(root)
-        if not pids or time.monotonic() > deadline:
-            return pids
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)
+    return _kill_until_gone(lambda: descendants(root), wait_s)
 
 
 def kill_all(uid: int | None = None, session: int | None = None, wait_s: float = 10.0) -> list[int]:
     """SIGKILL every process found by `leftovers` until none is left; returns what survived."""
+    return _kill_until_gone(lambda: leftovers(uid, session), wait_s)
+
+
+def _kill_until_gone(find, wait_s: float) -> list[int]:
+    """SIGKILL what `find()` returns, again and again, until it returns nothing or `wait_s` ends."""
     deadline = time.monotonic() + wait_s
     while True:
-        pids = leftovers(uid, session)
+        pids = find()
         if not pids or time.monotonic() > deadline:
             return pids
         for pid in pids:
