@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 OUT = Path(sys.argv[3] if len(sys.argv) > 3 else "runs/bias_cadence")
 def main(seeds, cadences):
-    from flylora.train import train
-    from flylora.evaluate import evaluate
+    from flylora.pipeline.train import train
+    from flylora.evaluation.evaluate import evaluate
     from flylora.balance import record_routing, routing_stats
     from flylora.models import load_model, load_tokenizer
     from peft import PeftModel

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     from gpucheck import decode, parity, report, training
     from gpucheck.common import FULL, TINY, Budget, Device
 
-    from flylora import bench
+    from flylora.bench.report import machine_info
 
     budget = Budget(args.budget_s)
     device = Device(args.device)
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     result = {
         "settings": {"device": device.type, "tiny": args.tiny, "budget_s": args.budget_s, "sections": args.sections,
                      "device_info": device.info(), "sizes": repr(sizes)},
-        "machine": bench.machine_info(torch.get_num_threads()),
+        "machine": machine_info(torch.get_num_threads()),
         "sections": sections, "errors": errors, "skipped": budget.skipped,
         "headline": headline(sections), "wall_s": budget.elapsed(),
     }  # fmt: skip

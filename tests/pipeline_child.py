@@ -62,7 +62,7 @@ def tiny_recipe(model_dir: str, out_dir: str, method: str = "flylora", **section
 def _train_and_die(recipe_json: str, step: int) -> None:
     from transformers import TrainerCallback
 
-    from flylora.train import train
+    from flylora.pipeline.train import train
 
     class Die(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):

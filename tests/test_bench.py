@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from flylora import bench
+from flylora.bench import cli as bench
 
 KEYS = (
     "step_time_ratio_vs_lora_r8",

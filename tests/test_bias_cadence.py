@@ -174,7 +174,7 @@ def test_paper_recipes_use_the_official_cadence_and_loading():
     scripts did (4-bit fp4, fp32 compute, fp16 storage of the rest)."""
     from pathlib import Path
 
-    from flylora.recipe import load_recipe
+    from flylora.pipeline.recipe import load_recipe
 
     files = sorted((Path(__file__).parents[1] / "recipes" / "paper").glob("*/*/*.yaml"))
     assert len(files) == 32

@@ -42,7 +42,7 @@ def _tokenizer():
 @torch.no_grad()
 def direct_scores(model, tok, task_name: str, limit: int) -> tuple[float, int]:
     """(100 × accuracy, near ties) with one unbatched fp32 forward per (question, choice)."""
-    from flylora.evaluate import load_eval_data
+    from flylora.evaluation.evaluate import load_eval_data
     from flylora.tasks import get_task
 
     task = get_task(task_name)
@@ -107,7 +107,7 @@ def test_quick_demo_writes_its_report(demo):
                     "What this run shows, and what it does not", "Wall time and machine"):
         assert heading in md
     assert data["wall_s"] > 0 and data["estimate_s"]["total_s"] > 0
-    from flylora.demo import demo_spec, estimate_seconds  # a rerun would reuse every stage
+    from flylora.pipeline.demo import demo_spec, estimate_seconds  # a rerun would reuse every stage
 
     assert estimate_seconds(demo_spec(quick=True, out=str(out)))["total_s"] == 0
     # activated share: FlyLoRA r32 k8 activates k/r of its B; LoRA r8 is the same size on these shapes
@@ -182,7 +182,7 @@ def test_theory_checks_recomputed_from_dense_deltas(demo):
 
 
 def test_demo_spec_options_and_errors(capsys):
-    from flylora.demo import demo_spec
+    from flylora.pipeline.demo import demo_spec
 
     spec = demo_spec(seeds=3, steps=7, limit=11, model="some/model")
     assert spec["seeds"] == [0, 1, 2] and spec["recipe"]["train"]["max_steps"] == 7
@@ -196,8 +196,8 @@ def test_demo_spec_options_and_errors(capsys):
 def test_the_cpu_experiment_recipe_is_the_demo():
     from pathlib import Path
 
-    from flylora.demo import demo_spec
-    from flylora.recipe import read_yaml
+    from flylora.pipeline.demo import demo_spec
+    from flylora.pipeline.recipe import read_yaml
 
     spec = read_yaml(Path(__file__).parent.parent / "recipes" / "cpu" / "experiment_smollm2.yaml")
     demo = demo_spec()

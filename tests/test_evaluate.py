@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flylora.cli import main as cli_main
-from flylora.evaluate import evaluate, generate, loglikelihoods
+from flylora.evaluation.evaluate import evaluate, generate, loglikelihoods
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "tasks"))
 from tiny_lm import neox_tokenizer, save_tiny_llama  # noqa: E402

@@ -210,7 +210,7 @@ def test_train_and_merge_outputs_load_with_autopeft(method, fake_embedded, tmp_p
     import flylora
     from flylora.cli import main as cli_main
     from flylora.models import load_model
-    from flylora.train import train
+    from flylora.pipeline.train import train
     from pipeline_child import tiny_recipe
 
     recipe = tiny_recipe("embedded:smollm2-135m-instruct", str(tmp_path / "run"), method, train={"max_steps": 2})

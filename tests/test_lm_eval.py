@@ -81,7 +81,7 @@ def test_flylora_lm_eval_runs_lm_evals_cli_on_a_local_task(tiny_adapter, monkeyp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flylora.cli import main as cli_main
-    from flylora.evaluate import evaluate_task
+    from flylora.evaluation.evaluate import evaluate_task
     from flylora.loading import load_adapter
     from flylora.tasks import get_task
 

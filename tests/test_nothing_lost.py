@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model_dir, tmp_path_factory):
     """Run A, uninterrupted: 4 steps, checkpoints at 2 and 4 (carved-train SST-2 rows)."""
-    from flylora.train import train
+    from flylora.pipeline.train import train
 
     recipe = tiny_recipe(model_dir, str(tmp_path_factory.mktemp("ref") / "a"), train={"save_steps": 2})
     return recipe, train(recipe)
@@ -96,7 +96,7 @@ def test_overwrite_never_deletes_a_folder_flylora_did_not_write(model_dir, refer
     rc, err = _cli(["eval", "-m", model_dir, "--task", "glue:sst2", "--limit", "1", "--out", mine], capsys)
     _one_line(rc, err, "flylora eval: error: --out folder", str(mine))
 
-    from flylora.experiment import run_experiment
+    from flylora.pipeline.experiment import run_experiment
     from flylora.fsutil import OutputDirError
 
     spec = {"name": "x", "recipe": tiny_recipe(model_dir, "unused"), "methods": {"fly": {}},
@@ -120,7 +120,7 @@ def test_partial_checkpoint_is_skipped_and_the_rerun_equals_the_uninterrupted_ru
     """checkpoint-4 cut half-way (no trainer_state.json, weights truncated, as a kill -9 or a full
     disk leaves it) and no final adapter: `resume: auto` skips it in one line, resumes from
     checkpoint-2 and ends on run A's adapter."""
-    from flylora.train import train
+    from flylora.pipeline.train import train
 
     recipe, run_a = reference
     b = _copy_run(run_a, tmp_path / "b", recipe)
@@ -144,7 +144,7 @@ def test_partial_checkpoint_is_skipped_and_the_rerun_equals_the_uninterrupted_ru
 
 def test_crash_between_final_adapter_and_run_json_takes_no_extra_step(reference, tmp_path, capsys):
     """Before the fix the re-run resumed from checkpoint-4 and the Trainer took a 5th step of 4."""
-    from flylora.train import train
+    from flylora.pipeline.train import train
 
     recipe, run_a = reference
     c = _copy_run(run_a, tmp_path / "c", recipe)
@@ -280,7 +280,7 @@ def test_expected_errors_are_one_line_exit_2_without_traceback(model_dir, refere
 
 # ------------------------------------------------------------------------------ 5. Ctrl-C in eval
 def test_sigint_during_a_two_task_eval_keeps_the_finished_task(model_dir, tmp_path, capsys, monkeypatch):
-    import flylora.evaluate as ev
+    import flylora.evaluation.evaluate as ev
 
     real, calls = ev.evaluate_task, []
 

@@ -156,7 +156,7 @@ def test_merge_is_refused_and_leaves_the_model_unchanged(base_dir, case, quant):
 
 
 def test_bad_quantization_values_are_one_line(tmp_path):
-    from flylora.recipe import load_recipe
+    from flylora.pipeline.recipe import load_recipe
 
     with pytest.raises(ValueError, match=r"recipe.model.quantization: 'int4' is not allowed \(allowed: none, nf4"):
         load_recipe({"model": {"quantization": "int4"}})
@@ -188,7 +188,7 @@ def test_flylora_train_and_eval_on_a_4bit_base(tmp_path):
 
     from flylora.cli import main
     from flylora.models import load_tokenizer
-    from flylora.train import train
+    from flylora.pipeline.train import train
 
     tok = load_tokenizer()
     torch.manual_seed(0)
@@ -216,7 +216,7 @@ def test_flylora_train_and_eval_on_a_4bit_base(tmp_path):
 def test_bench_counts_the_4bit_quantization_constants(base_dir):
     """`flylora bench --quantized` adds the 4-bit layers' absmax (one fp32 per 64 weights) and code
     tables to the live base state; an int8 or float base has none."""
-    from flylora.bench_quant import quant_state_bytes
+    from flylora.bench.quant import quant_state_bytes
 
     model = load_model(base_dir, quantization="nf4")
     qlayers = [m for m in model.modules() if quantized_kind(m)]

@@ -31,7 +31,7 @@ def hand_results() -> dict:
 
 
 def test_tables_follow_the_paper_layout_with_hand_computed_cells():
-    from flylora.experiment import mean_std, merge_drops
+    from flylora.pipeline.summaries import mean_std, merge_drops
     from flylora.report import table1, table2
 
     assert mean_std([40.0, 42.0]) == (41.0, pytest.approx(2 ** 0.5))  # sample std, n − 1
@@ -85,7 +85,7 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     ({"task_overrides": {"glue:rte": {}}}, "spec.task_overrides: ['glue:rte'] are not among spec.tasks"),
 ])
 def test_bad_experiment_specs_fail_before_training(tmp_path, change, message):
-    from flylora.experiment import load_spec
+    from flylora.pipeline.experiment import load_spec
 
     spec = {"name": "x", "recipe": {"data": {"split": "carved-train"}}, "methods": {"f": {}},
             "tasks": ["glue:sst2"], **change}

@@ -1,6 +1,6 @@
-"""flylora.sweep (a learning rate per method): the validation carve is disjoint from the test carve,
-the lr is the argmax of validation scores only, and a tiny sweep end to end (select on carved-val,
-final runs on carved-test at the chosen lr only, seed-0 runs reused)."""
+"""flylora.pipeline.sweep (a learning rate per method): the validation carve is disjoint from the
+test carve, the lr is the argmax of validation scores only, and a tiny sweep end to end (select
+on carved-val, final runs on carved-test at the chosen lr only, seed-0 runs reused)."""
 from __future__ import annotations
 
 import json
@@ -34,7 +34,7 @@ def test_val_carve_partitions_carved_train_and_never_touches_carved_test(task):
 
 
 def test_select_lr_is_the_validation_argmax_with_ties_to_the_first():
-    from flylora.sweep import select_lr
+    from flylora.pipeline.sweep import select_lr
 
     assert select_lr({1e-3: 50.0, 3e-3: 60.0, 3e-4: 40.0}, [3e-4, 1e-3, 3e-3]) == 3e-3
     assert select_lr({1e-3: 50.0, 3e-3: 50.0, 3e-4: None}, [3e-4, 1e-3, 3e-3]) == 1e-3
@@ -43,7 +43,7 @@ def test_select_lr_is_the_validation_argmax_with_ties_to_the_first():
 
 
 def test_bad_sweep_specs_are_one_line_errors(tmp_path):
-    from flylora.sweep import load_sweep
+    from flylora.pipeline.sweep import load_sweep
 
     exp = {"recipe": {"data": {"split": "train"}}, "methods": {}, "tasks": []}
     with pytest.raises(ValueError, match=r"sweep.lrs: needs at least 2"):
@@ -67,8 +67,8 @@ def test_tiny_sweep_selects_on_validation_only(tmp_path, monkeypatch):
     """2 methods × 2 lrs on seed 0 (carved-val) -> each method at its best lr on seeds 0, 1
     (carved-test, single + weight average). Every evaluation call is recorded: carved-test is only
     ever scored for the chosen lr, so it cannot have entered the choice."""
-    import flylora.experiment as experiment
-    from flylora.sweep import lr_label, run_sweep
+    import flylora.pipeline.experiment as experiment
+    from flylora.pipeline.sweep import lr_label, run_sweep
 
     calls: list[tuple[str, str | None]] = []
     real = experiment._evaluate
@@ -120,6 +120,16 @@ def test_tiny_sweep_selects_on_validation_only(tmp_path, monkeypatch):
         assert set(res["reference"]["single"][m]["glue:sst2"]) == {"0", "1"}
     md = (out / "report.md").read_text()
     assert "## Validation" in md and "(own best lr)" in md and "(shared lr)" in md and "merged (weight_average)" in md
+    assert "mean Δ (merged − single)" in md
+    # the merged row's last cell is its mean minus the single-task mean (one task: seed means)
+    merged_rows = md.split("merged (weight_average)")[1]
+    row = next(line for line in merged_rows.splitlines() if line.startswith("| fly (own best lr)"))
+    def seed_mean(d):
+        return sum(d.values()) / len(d)
+    want = seed_mean(res["final"]["merged"]["fly"]["weight_average"]["glue:sst2"]) - seed_mean(
+        res["final"]["single"]["fly"]["glue:sst2"])
+    assert row.rstrip(" |").split("|")[-1].strip() == f"{want:.2f}"
+    assert (out / "lr_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_flylora_sweep_command_gives_one_line_for_a_missing_spec(tmp_path, capsys):

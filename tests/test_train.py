@@ -38,7 +38,7 @@ def _adapter_tensors(run_dir) -> dict:
     (["train.lr"], "override 'train.lr': expected key.path=value"),
 ])
 def test_malformed_recipe_fails_with_one_line_naming_the_key(overrides, message):
-    from flylora.recipe import load_recipe
+    from flylora.pipeline.recipe import load_recipe
 
     with pytest.raises(ValueError) as e:
         load_recipe(os.path.join(HERE, "..", "recipes", "cpu", "flylora_smollm2.yaml"), overrides)
@@ -59,7 +59,7 @@ def test_malformed_yaml_file_through_the_cli(tmp_path, capsys):
 
 
 def test_overrides_are_yaml_scalars_and_floats_follow_yaml_1_2():
-    from flylora.recipe import apply_overrides, load_recipe, parse_override
+    from flylora.pipeline.recipe import apply_overrides, load_recipe, parse_override
 
     assert parse_override("train.lr=1e-3") == (["train", "lr"], 1e-3)  # PyYAML alone gives '1e-3'
     assert parse_override("data.path=null") == (["data", "path"], None)
@@ -71,8 +71,8 @@ def test_overrides_are_yaml_scalars_and_floats_follow_yaml_1_2():
 
 
 def test_projection_seed_is_separate_from_the_training_seed():
-    from flylora.recipe import load_recipe
-    from flylora.train import derive_seed, peft_config_kwargs
+    from flylora.pipeline.recipe import load_recipe
+    from flylora.pipeline.train import derive_seed, peft_config_kwargs
 
     def seed(**kw):
         return peft_config_kwargs(load_recipe({"name": "x", **kw}))["projection_seed"]
@@ -92,7 +92,7 @@ def test_recipe_round_trip_yaml_to_run_json(model_dir, tmp_path, capsys):
     from flylora.cli import main
     from flylora.loading import load_adapter
     from flylora.models import load_model
-    from flylora.train import derive_seed
+    from flylora.pipeline.train import derive_seed
 
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(model_dir, str(run_dir), train={"max_steps": 3, "gradient_accumulation": 2})
@@ -129,7 +129,7 @@ def test_recipe_round_trip_yaml_to_run_json(model_dir, tmp_path, capsys):
 
 
 def test_tensorboard_true_without_the_package_is_one_line(model_dir, tmp_path):
-    from flylora.train import tensorboard_available, train
+    from flylora.pipeline.train import tensorboard_available, train
 
     recipe = tiny_recipe(model_dir, str(tmp_path / "tb"), train={"max_steps": 1})
     recipe["output"]["tensorboard"] = True
@@ -155,7 +155,7 @@ def test_tensorboard_true_without_the_package_is_one_line(model_dir, tmp_path):
     ("lora_fa", {"r": 4}, {}),
 ])
 def test_every_method_trains_through_the_trainer(model_dir, tmp_path, method, config, train_kw):
-    from flylora.train import train
+    from flylora.pipeline.train import train
 
     recipe = tiny_recipe(model_dir, str(tmp_path / method), method=method, train={"max_steps": 2, **train_kw})
     recipe["method"]["config"] = config
@@ -171,7 +171,7 @@ def test_kill_and_resume_reaches_the_uninterrupted_adapter(model_dir, tmp_path):
     """Run A: 6 steps straight. Run B: killed (os._exit) right after the step-3 checkpoint, then
     `resume: auto` continues. Dropout, bf16 autocast, gradient accumulation and the routing bias
     are all in play; the adapters must agree bit for bit (tolerance 1e-6)."""
-    from flylora.train import train
+    from flylora.pipeline.train import train
 
     kw = {"max_steps": 6, "save_steps": 3, "precision": "bf16", "gradient_accumulation": 2}
     config = {"r": 8, "k": 2, "lora_alpha": 16, "bias_update_rate": 0.01, "lora_dropout": 0.1}

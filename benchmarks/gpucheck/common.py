@@ -215,11 +215,11 @@ def peft_copy(base: torch.nn.Module, method: str, seed: int):
     """The bench's method config on a weight-sharing copy of `base`, trainables randomised."""
     from peft import get_peft_model
 
-    from flylora import bench
+    from flylora.bench import cases
 
-    cfg = bench._method_configs()[method]
+    cfg = cases._method_configs()[method]
     if cfg is None:
-        return bench._share_weights_copy(base)
-    model = get_peft_model(bench._share_weights_copy(base), copy.deepcopy(cfg))
-    bench._randomise_trainables(model, seed)
+        return cases._share_weights_copy(base)
+    model = get_peft_model(cases._share_weights_copy(base), copy.deepcopy(cfg))
+    cases._randomise_trainables(model, seed)
     return model

@@ -3,7 +3,7 @@
     python recipes/paper/generate.py          # rewrites recipes/paper/<model>/<task>/<method>.yaml
 
 2 models × 4 tasks × 4 methods = 32 files; see recipes/paper/README.md. Every file is validated
-with flylora.recipe.load_recipe before it is written.
+with flylora.pipeline.recipe.load_recipe before it is written.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def recipe(model: str, task: str, method: str) -> dict:
 
 def main() -> int:
     sys.path.insert(0, str(HERE.parents[1] / "src"))
-    from flylora.recipe import load_recipe
+    from flylora.pipeline.recipe import load_recipe
 
     n = 0
     for model in MODELS:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 # command name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("flylora.demo", "the main job: the multi-task FlyLoRA vs LoRA experiment (train, merge, report) on CPU"),
-    "eval": ("flylora.evaluate", "evaluate a model (+ adapters) on tasks"),
-    "train": ("flylora.train", "train an adapter from a YAML recipe"),
+    "demo": ("flylora.pipeline.demo", "the main job: the multi-task FlyLoRA vs LoRA experiment (train, merge, report) on CPU"),
+    "eval": ("flylora.evaluation.cli", "evaluate a model (+ adapters) on tasks"),
+    "train": ("flylora.pipeline.train", "train an adapter from a YAML recipe"),
     "merge": ("flylora.merge.cli", "merge task adapters (exact in delta-W space)"),
     "report": ("flylora.report.cli", "tables and plots from results JSON"),
-    "sweep": ("flylora.sweep", "a learning rate per method: select on a validation carve, report on the test carve"),
-    "bench": ("flylora.bench", "speed / memory benchmark against PEFT LoRA and the frozen base"),
+    "sweep": ("flylora.pipeline.sweep", "a learning rate per method: select on a validation carve, report on the test carve"),
+    "bench": ("flylora.bench.cli", "speed / memory benchmark against PEFT LoRA and the frozen base"),
     "convert": ("flylora.interop.convert_cli", "convert official FlyLoRA checkpoints to flylora adapters and back"),
     "lm-eval": ("flylora.interop.lm_eval", "run lm-evaluation-harness's CLI with the flylora methods registered"),
 }

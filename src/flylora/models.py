@@ -138,7 +138,8 @@ def resolve_model_path(name_or_path: str | os.PathLike | None = None) -> str:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=target.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache may be shared
         try:
-            _convert_gguf(package_dir, gguf_name, tmp)
+            with quiet_loading():
+                _convert_gguf(package_dir, gguf_name, tmp)
             if target.exists():  # a stale, incomplete folder from an interrupted run
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -186,13 +187,30 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = torch
     from .quantization import bnb_config
 
     qconfig = bnb_config(quantization, dtype, compute_dtype, double_quant)
-    if qconfig is None:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=parse_dtype(dtype))
-        return model.to(device).eval()
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path), dtype=parse_dtype(dtype), quantization_config=qconfig,
-        device_map={"": str(torch.device(device))})
+    path = resolve_model_path(name_or_path)
+    with quiet_loading():
+        if qconfig is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+            return model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=parse_dtype(dtype), quantization_config=qconfig, device_map={"": str(torch.device(device))})
     return model.eval()
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No transformers progress bars ("Loading weights", GGUF conversion) inside: a training or
+    evaluation stage shows its own single bar, and every run loads a model (FLYLORA_DEBUG=1 keeps them)."""
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("FLYLORA_DEBUG") or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def autocast(device: str | torch.device = "cpu", enabled: bool = True):

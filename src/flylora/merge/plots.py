@@ -2,6 +2,7 @@
 this never changes the process-wide backend and works headless."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -16,10 +17,12 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"plot path must end in .png, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    from ..fsutil import atomic_write_bytes  # a kill mid-save never leaves a truncated PNG
+
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_cosine_heatmap(

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(interference_markdown(json.loads(p.read_text())))
         return 0
     if args.experiment:
-        from ..experiment import load_spec, run_experiment
+        from ..pipeline.experiment import load_spec, run_experiment
 
         overrides = ([args.results] if args.results else []) + list(args.overrides)
         results = run_experiment(args.experiment, overrides, progress=not args.no_progress)

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from ..experiment import mean_std, merge_drops
+from ..pipeline.summaries import mean_std, merge_drops
 
 
 def _cell(values: list) -> str:

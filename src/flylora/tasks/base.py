@@ -8,9 +8,9 @@ Splits (the names go into every results file):
   carved-test   evaluation rows, and the other half. Models trained on carved-train must be
                 evaluated on carved-test, never on `test` (which contains carved-train).
   carved-fit    carved-train split again (seeded, stratified, VAL_FRACTION to carved-val):
-  carved-val    a validation carve for model selection (e.g. flylora.sweep's lr choice) that is
-                disjoint from carved-test by construction; train on carved-fit, select on
-                carved-val, report on carved-test.
+  carved-val    a validation carve for model selection (e.g. flylora.pipeline.sweep's lr
+                choice) that is disjoint from carved-test by construction; train on
+                carved-fit, select on carved-val, report on carved-test.
 """
 from __future__ import annotations
 

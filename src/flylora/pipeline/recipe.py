@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL
 
 # method name -> (module, config class); imported lazily so `flylora train --help` stays fast
 METHODS: dict[str, tuple[str, str]] = {
@@ -245,10 +245,10 @@ def check_method_config(name: str, config: dict) -> None:
 
 def validate(recipe: Recipe) -> Recipe:
     """Cross-field rules the types alone cannot express; each failure is one line."""
-    from .models import _DTYPES
+    from ..models import _DTYPES
 
     _choice("recipe.model.dtype", recipe.model.dtype, _DTYPES)
-    from .quantization import check_quantization
+    from ..quantization import check_quantization
 
     m = recipe.model
     check_quantization(m.quantization, m.compute_dtype, m.double_quant, where="recipe.model.quantization")

@@ -1,8 +1,8 @@
 """A fair learning rate per method: sweep lr on a validation carve, report on the test carve.
 
-    python -m flylora.sweep recipes/cpu/lr_sweep_smollm2.yaml [key=value ...]
+    flylora sweep recipes/cpu/lr_sweep_smollm2.yaml [key=value ...]
 
-Two experiments (flylora.experiment) that share one folder of training runs:
+Two experiments (flylora.pipeline.experiment) that share one folder of training runs:
 
   1. select  every method × every lr in `lrs`, trained on carved-fit with `select.seeds`, each
              adapter scored on its own task's carved-val (`select.limit` questions). A method's
@@ -26,7 +26,7 @@ The sweep spec (validated strictly; one line naming a bad key):
     output_dir: runs/sweeps/{name}
 
 Every stage is cached (the experiment machinery's run.json / results.json / merge.json), so a
-rerun after a kill picks up where it stopped. Output: <out>/results.json and <out>/report.md,
+rerun after a kill picks up where it stopped. Output: <out>/results.json, <out>/report.md and <out>/lr_sweep.png,
 plus the two experiments' own folders (<out>/select, <out>/final with its Table 1/2 report).
 """
 from __future__ import annotations
@@ -39,8 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .experiment import _json, _write_json, mean_std, read_spec_source, run_experiment
+from .experiment import _json, _write_json, run_experiment
+from .experiment_spec import read_spec_source
 from .recipe import _build, apply_overrides, read_yaml
+from .summaries import mean_std
 
 SWEEP_VERSION = 1
 FIT_SPLITS = ("carved-train", "carved-fit")  # recipes the sweep can carve a validation set from
@@ -215,12 +217,15 @@ def run_sweep(source: str | Path | dict, overrides: list[str] | dict | None = No
         "spec": {"experiment": exp, "lrs": spec.lrs, "select": vars(spec.select), "final": vars(spec.final)},
     }
     _write_json(out / "results.json", results)
-    from .report.tables import write_report
+    from ..report.tables import write_report
 
     write_report(fin, out / "final")
+    from ..fsutil import atomic_write_text
+    from ..report.sweep_plot import plot_lr_sweep
     from .sweep_report import markdown
 
-    (out / "report.md").write_text(markdown(results))
+    atomic_write_text(out / "report.md", markdown(results))
+    plot_lr_sweep(results, out / "lr_sweep.png")
     return results
 
 
@@ -263,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flylora.sweep", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m flylora.pipeline.sweep", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
     try:

@@ -10,7 +10,7 @@ Bases (the same dequantized-GGUF weights, loaded by `flylora.models.load_model`)
 
 Every step is forward + backward + AdamW on B + the routing-bias update, under bf16 autocast (the
 CPU setting of the demo), at the batch of `flylora bench`'s smollm2 row. Memory and timing reuse
-`flylora.bench` (allocator-level peak increment + live state; interleaved repetitions, paired
+`flylora.bench.measure` (allocator-level peak increment + live state; interleaved repetitions, paired
 ratios, median and IQR, single-thread CPU clock by default). The live state of a 4-bit base also
 counts its quantization constants (one absmax per 64 weights, `weight.quant_state`), which are
 not parameters or buffers.
@@ -29,8 +29,8 @@ REF = "bf16"
 
 
 def _load(base: str):
-    from .models import load_model
-    from .quantization import prepare_for_training
+    from ..models import load_model
+    from ..quantization import prepare_for_training
 
     if base == "bf16":
         return load_model(dtype="bfloat16")
@@ -45,8 +45,8 @@ def quant_state_bytes(model) -> int:
     """Bytes of the 4-bit layers' quantization constants (absmax, nested state, code)."""
     import torch
 
-    from .bench import _tensor_bytes
-    from .quantization import is_quantized_linear
+    from ..quantization import is_quantized_linear
+    from .measure import _tensor_bytes
 
     ts = []
     for m in model.modules():
@@ -63,7 +63,7 @@ def build(bases=BASES) -> dict:
     import torch
     from peft import get_peft_model
 
-    from .bench import FLY, MODELS, Runner, _method_configs, _randomise_trainables
+    from .cases import FLY, MODELS, Runner, _method_configs, _randomise_trainables
 
     spec = MODELS["smollm2"]
     cfg = _method_configs()[FLY]
@@ -84,7 +84,7 @@ def build(bases=BASES) -> dict:
 
 
 def bench_quantized(reps=(5, 15), budget_s: float = 60.0, clock: str = "cpu", log=print) -> dict:
-    from .bench import _interleaved, _paired, _summary, peak_step_memory
+    from .measure import _interleaved, _paired, _summary, peak_step_memory
 
     runners = build()
     log(f"bench --quantized: {len(runners)} bases built; warming up")
@@ -125,13 +125,13 @@ def format_table(result: dict) -> str:
 
 
 def run_quantized(args, t0: float) -> int:
-    """The `--quantized` mode of `flylora bench` (called from flylora.bench)."""
+    """The `--quantized` mode of `flylora bench` (called from flylora.bench.cli)."""
     import json
     from pathlib import Path
 
     import torch
 
-    from .bench import machine_info
+    from .report import machine_info
 
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads}: must be >= 1")

@@ -1,19 +1,13 @@
 """`flylora train <recipe.yaml> [key=value ...]`: train one adapter with the HF Trainer.
 
-    from flylora.train import train
+    from flylora.pipeline.train import train
     run_dir = train("recipes/cpu/flylora_smollm2.yaml", ["train.max_steps=20"])
 
 Any method (flylora, lora, adalora, lora_fa, toplora, moelora, split_lora, hydralora; see
-flylora.recipe), any transformers optimizer plus the Riemannian ones, gradient accumulation,
-bf16/fp16 autocast, gradient checkpointing (use_reentrant=False by default), resuming.
-
-Seeds. `train.seed` drives everything random in training: data order, dropout, the random init
-of LoRA's A (set before the adapter is created). FlyLoRA's and LoRA-FA's frozen A is NOT drawn
-from it: it comes from `method.config.projection_seed`, and when the recipe leaves that unset it
-is derived as sha256("projection", train.seed, data.task). So every task gets its own
-independent A (the paper's merge argument needs that; the official code's `set_seed(23)` before
-every task gives them all the same A), a rerun of the same recipe gets the same A, and a resumed
-run regenerates exactly the A it was trained with. Set projection_seed explicitly to share one A.
+flylora.pipeline.recipe), any transformers optimizer plus the Riemannian ones, gradient
+accumulation, bf16/fp16 autocast, gradient checkpointing (use_reentrant=False by default),
+resuming. What the Trainer is given (PEFT config, seeds, dataset, TrainingArguments, callbacks)
+is built in flylora.pipeline.trainer; this module runs it in a run folder and records the run.
 
 Run folder (`output.dir`):
   recipe.yaml         the validated recipe (a resume must match it)
@@ -24,23 +18,16 @@ Run folder (`output.dir`):
   .flylora            our marker: `output.overwrite` deletes only a folder that has it (fsutil)
 While it trains, the folder is locked (`.<dir>.lock` beside it): a second `train` into it is
 refused. A partial checkpoint is skipped on resume, and a run whose last checkpoint is already
-the end finishes from it without another step (flylora.checkpoints).
+the end finishes from it without another step (flylora.pipeline.checkpoints).
 
 Multi-process: `torchrun --nproc_per_node N -m flylora train r.yaml` or
-`accelerate launch -m flylora train r.yaml` (DDP). The Trainer gets
-ddp_find_unused_parameters=False (every adapter tensor is in every forward's graph: unselected
-FlyLoRA experts get a zero gradient through the mask, not a missing one, so DDP's extra
-unused-parameter traversal is wasted work) and ddp_broadcast_buffers=False (the only adapter
-buffers are FlyLoRA's A, regenerated from the same seed on every rank, and the routing bias d,
-which `update_routing_bias` changes identically on every rank from all-reduced counts; broadcasting
-them from rank 0 before every forward would only move r·n floats per layer per step). Both can be
-switched back on in the recipe. After training, every rank hashes its adapter and run.json records
+`accelerate launch -m flylora train r.yaml` (DDP; the Trainer's DDP settings are explained in
+flylora.pipeline.trainer). After training, every rank hashes its adapter and run.json records
 the hashes, so a divergence would show.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import hashlib
 import importlib.util
@@ -54,27 +41,18 @@ from typing import Any, Sequence
 
 import torch
 
-from .recipe import RIEMANNIAN, Recipe, dump_recipe, first_difference, load_recipe, method_config_class
+from .recipe import Recipe, dump_recipe, first_difference, load_recipe
+from .trainer import (_callbacks, _rank, _trainer_class, _world_size, build_dataset, build_peft_config,
+                      derive_seed, peft_config_kwargs, total_optimizer_steps, training_arguments)
+
+# derive_seed and peft_config_kwargs live in .trainer and stay importable from here
+__all__ = ["train", "load_run", "derive_seed", "peft_config_kwargs", "tensorboard_available", "adapter_digest",
+           "package_versions", "add_arguments", "run", "main"]
 
 RUN_VERSION = 1
-FRESH_SEED_METHODS = ("flylora", "lora_fa")  # methods whose frozen A comes from projection_seed
 
 
 # ----------------------------------------------------------------------------------- helpers
-def derive_seed(*parts: Any) -> int:
-    """A stable 62-bit seed from any values (sha256, so it is the same in every process)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _log(msg: str) -> None:
     if _rank() == 0:
         print(msg, flush=True)
@@ -108,187 +86,6 @@ def adapter_digest(model) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------------- building
-def peft_config_kwargs(recipe: Recipe, total_steps: int | None = None) -> dict:
-    """The method's config kwargs with the defaults this pipeline fills in (see module docstring)."""
-    from .tuners.base import DEFAULT_TARGET_MODULES
-
-    name, kwargs = recipe.method.name, dict(recipe.method.config)
-    if name in FRESH_SEED_METHODS and kwargs.get("projection_seed") is None:
-        kwargs["projection_seed"] = derive_seed("projection", recipe.train.seed, recipe.data.task)
-    if name in ("lora", "adalora") and kwargs.get("target_modules") is None:
-        kwargs["target_modules"] = list(DEFAULT_TARGET_MODULES)  # the paper adapts all 7 projections
-    if name == "adalora" and kwargs.get("total_step") is None and total_steps is not None:
-        kwargs["total_step"] = total_steps  # AdaLoRA's rank schedule needs the run length
-    kwargs.setdefault("task_type", "CAUSAL_LM")
-    return kwargs
-
-
-def build_peft_config(recipe: Recipe, total_steps: int | None = None):
-    cls = method_config_class(recipe.method.name)
-    kwargs = peft_config_kwargs(recipe, total_steps)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"recipe.method.config: {str(e).splitlines()[0]}") from None
-
-
-class TokenizedDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
-
-
-def build_dataset(recipe: Recipe, tokenizer):
-    """(TokenizedDataset, Loaded provenance) for the recipe's task and split."""
-    from .tasks import get_task
-
-    d = recipe.data
-    task = get_task(d.task)
-    data = task.load(d.split, d.path, limit=d.limit, seed=d.carve_seed, train_fraction=d.carve_fraction,
-                     limit_seed=d.limit_seed)
-    rows = [task.tokenize(ex, tokenizer, cutoff_len=d.cutoff_len, train_on_inputs=d.train_on_inputs,
-                          add_eos=d.add_eos, template=d.template, chat=d.chat_template,
-                          truncation=d.truncation) for ex in data.rows]
-    return TokenizedDataset(rows), data
-
-
-def steps_per_epoch(n_examples: int, recipe: Recipe, world_size: int) -> int:
-    t = recipe.train
-    batches = -(-n_examples // (t.micro_batch_size * world_size))  # ceil: the last batch is kept
-    return max(1, batches // t.gradient_accumulation)
-
-
-def total_optimizer_steps(n_examples: int, recipe: Recipe, world_size: int) -> int:
-    t = recipe.train
-    if t.max_steps > 0:
-        return t.max_steps
-    return max(1, int(-(-t.epochs * steps_per_epoch(n_examples, recipe, world_size) // 1)))
-
-
-# ----------------------------------------------------------------------------------- trainer
-def _trainer_class():
-    from transformers import Trainer
-
-    class FlyLoraTrainer(Trainer):
-        """HF Trainer plus: the Riemannian optimizers (`create_optimizer`), and MoE-LoRA's optional
-        load-balancing loss added to the task loss."""
-
-        def __init__(self, *args, recipe: Recipe, **kwargs):
-            self.recipe = recipe
-            super().__init__(*args, **kwargs)
-
-        def create_optimizer(self, model=None):
-            t = self.recipe.train
-            if t.optimizer not in RIEMANNIAN:
-                return super().create_optimizer(model) if model is not None else super().create_optimizer()
-            if self.optimizer is None:
-                from .optim import RiemannianAdamW, RiemannianSGD
-
-                cls = RiemannianAdamW if t.optimizer == "riemannian_adamw" else RiemannianSGD
-                kwargs = {"lr": t.lr, "weight_decay": t.weight_decay, **t.optimizer_args}
-                try:  # pairs come from the tuner layers of the unwrapped model
-                    self.optimizer = cls.from_model(self.model, gate_lr=t.gate_lr, gate_max_norm=t.gate_max_norm,
-                                                    **kwargs)
-                except TypeError as e:
-                    raise ValueError(f"recipe.train.optimizer_args: {e}") from None
-            return self.optimizer
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
-            if self.recipe.method.name != "moelora" or not model.training:
-                return out
-            from .tuners.moelora import moe_aux_loss
-
-            aux = moe_aux_loss(model)
-            if aux.requires_grad or aux.item() != 0:
-                # the task loss is already normalised over the accumulated batch when the model
-                # takes num_items_in_batch; the aux loss is a per-micro-batch mean, so average it too
-                if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-                    aux = aux / self.current_gradient_accumulation_steps
-                if return_outputs:
-                    return out[0] + aux.to(out[0].device), out[1]
-                return out + aux.to(out.device)
-            return out
-
-    return FlyLoraTrainer
-
-
-def _callbacks(recipe: Recipe) -> list:
-    from transformers import TrainerCallback
-
-    from .balance import RoutingBiasCallback
-
-    from .checkpoints import complete_marker_callback
-
-    cbs: list = [RoutingBiasCallback()]  # once per optimizer step, counts all-reduced under DDP
-    cbs.append(complete_marker_callback())  # fsync + mark each checkpoint once fully written
-    if recipe.method.name == "adalora":
-        class AdaLoraAllocator(TrainerCallback):
-            """AdaLoRA's rank budget: update_and_allocate after each step, before zero_grad."""
-
-            def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-                model.base_model.update_and_allocate(state.global_step)
-
-        cbs.append(AdaLoraAllocator())
-    return cbs
-
-
-def training_arguments(recipe: Recipe, checkpoint_dir: Path, tensorboard: bool):
-    from transformers import TrainingArguments
-
-    t = recipe.train
-    if t.precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("recipe.train.precision: fp16 autocast needs a CUDA GPU; use bf16 on CPU")
-    kwargs = dict(
-        output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
-        learning_rate=t.lr,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        lr_scheduler_type=t.lr_scheduler,
-        lr_scheduler_kwargs=dict(t.lr_scheduler_kwargs),
-        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,  # < 1: a ratio
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm if t.max_grad_norm is not None else 0.0,  # 0 disables clipping
-        optim=t.optimizer if t.optimizer not in RIEMANNIAN else "adamw_torch",  # the latter unused
-        bf16=t.precision == "bf16",
-        fp16=t.precision == "fp16",
-        seed=t.seed,
-        data_seed=t.data_seed,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        report_to=["tensorboard"] if tensorboard else "none",
-        ddp_find_unused_parameters=t.ddp_find_unused_parameters,
-        ddp_broadcast_buffers=t.ddp_broadcast_buffers,
-        ddp_backend="gloo" if _world_size() > 1 and not torch.cuda.is_available() else None,
-        remove_unused_columns=False,  # our dataset is already model inputs; PEFT hides forward's signature
-        label_names=["labels"],
-        dataloader_num_workers=t.dataloader_num_workers,
-        disable_tqdm=not recipe.output.progress,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    # transformers 5 renamed these; keep older releases (>= 4.46) working too
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    kwargs[ckpt] = t.gradient_checkpointing
-    kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": t.use_reentrant}
-    if "train_sampling_strategy" in fields:
-        kwargs["train_sampling_strategy"] = "group_by_length" if t.group_by_length else "random"
-    else:
-        kwargs["group_by_length"] = t.group_by_length
-    return TrainingArguments(**kwargs)
-
-
 # ----------------------------------------------------------------------------------- run folder
 def _prepare_run_dir(recipe: Recipe) -> tuple[Path, str | None]:
     """Create/check the run folder; return (run_dir, checkpoint to resume from or None).
@@ -296,7 +93,7 @@ def _prepare_run_dir(recipe: Recipe) -> tuple[Path, str | None]:
     A folder flylora did not write is never used nor deleted (fsutil); incomplete checkpoints
     (a kill or a full disk mid-save) are skipped, said in one line, and removed."""
     from .checkpoints import last_complete_checkpoint
-    from .fsutil import check_writable_target, clean_stale_temps, remove_ours
+    from ..fsutil import check_writable_target, clean_stale_temps, remove_ours
 
     run_dir = recipe.run_dir
     o = recipe.output
@@ -348,7 +145,7 @@ def _barrier() -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    from .fsutil import atomic_write_text  # temp, fsync, rename
+    from ..fsutil import atomic_write_text  # temp, fsync, rename
 
     atomic_write_text(path, text)
 
@@ -363,7 +160,7 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
     is locked while training: a second `train` into it is refused in one line."""
     import contextlib
 
-    from .fsutil import dir_lock
+    from ..fsutil import dir_lock
 
     recipe = load_recipe(recipe, list(overrides) if isinstance(overrides, (list, tuple)) else overrides)
     # rank 0 holds the lock for all ranks of one (DDP) run
@@ -376,9 +173,9 @@ def _train(recipe: Recipe, overrides: Sequence[str] | dict | None = None, *,
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from .accounting import count_parameters
-    from .merge.io import write_dir_atomically
-    from .models import load_model, load_tokenizer, record_base_model, resolve_model_path
+    from ..accounting import count_parameters
+    from ..merge.io import write_dir_atomically
+    from ..models import load_model, load_tokenizer, record_base_model, resolve_model_path
 
     recipe = load_recipe(recipe, list(overrides) if isinstance(overrides, (list, tuple)) else overrides)
     tb = recipe.output.tensorboard
@@ -389,8 +186,8 @@ def _train(recipe: Recipe, overrides: Sequence[str] | dict | None = None, *,
     started = _dt.datetime.now().isoformat(timespec="seconds")
 
     # data first: a bad task/split fails before the model loads
-    from .fsutil import check_writable_target
-    from .loading import check_model_path
+    from ..fsutil import check_writable_target
+    from ..loading import check_model_path
 
     check_model_path(recipe.model.name_or_path)  # a missing local folder is one line, not a hub error
     check_writable_target(recipe.run_dir, "output.dir")  # a file or someone else's folder: before any work
@@ -404,7 +201,7 @@ def _train(recipe: Recipe, overrides: Sequence[str] | dict | None = None, *,
     _ = args.device  # sets up the device, and the process group under torchrun / accelerate launch
     run_dir, resume = _prepare_run_dir(recipe)
     if _rank() == 0:
-        from .fsutil import ensure_dir
+        from ..fsutil import ensure_dir
 
         ensure_dir(run_dir, "output.dir", kind="train")  # one line if a file, read-only, ...
         _atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
@@ -417,7 +214,7 @@ def _train(recipe: Recipe, overrides: Sequence[str] | dict | None = None, *,
     model = load_model(model_path, dtype=m.dtype, quantization=m.quantization, compute_dtype=m.compute_dtype,
                        double_quant=m.double_quant)
     if m.quantization != "none":  # as the official finetune.py (QLoRA): see flylora.quantization
-        from .quantization import prepare_for_training
+        from ..quantization import prepare_for_training
 
         model = prepare_for_training(model, recipe.train.gradient_checkpointing, recipe.train.use_reentrant)
     model = get_peft_model(model, peft_config)
@@ -505,7 +302,7 @@ def _jsonable(x: Any) -> Any:
 
 def _routing_summary(model) -> dict | None:
     """Normalised routing entropy over the FlyLoRA layers (1 = perfectly even expert load)."""
-    from .balance import routing_stats
+    from ..balance import routing_stats
 
     stats = [s for s in routing_stats(model).values() if s["tokens"] > 0]
     if not stats:

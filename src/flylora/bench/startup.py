@@ -1,6 +1,6 @@
 """How long `flylora --help` takes (issue 14: target < 1.5 s), measured, not asserted.
 
-    python -m flylora.bench_startup            # also part of `flylora bench` (key "cli_startup")
+    python -m flylora.bench.startup            # also part of `flylora bench` (key "cli_startup")
 
 Each repetition is a fresh process (interpreter start included), as a user types it: the console
 script next to this interpreter when installed, else `python -m flylora`. Reported: median, min

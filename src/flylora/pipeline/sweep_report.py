@@ -1,10 +1,10 @@
-"""Markdown report of an lr sweep (flylora.sweep results.json): the validation grid, then the
-test-carve scores at each method's own best lr, single-task and merged, beside an optional
-earlier run at one shared lr. Scores are points (100 × accuracy); "mean ± std" over seeds
+"""Markdown report of an lr sweep (flylora.pipeline.sweep results.json): the validation grid,
+then the test-carve scores at each method's own best lr, single-task and merged, beside an
+optional earlier run at one shared lr. Scores are points (100 × accuracy); "mean ± std" over seeds
 (sample std, n − 1); the `mean` column averages the per-task means."""
 from __future__ import annotations
 
-from .experiment import mean_std
+from .summaries import mean_std
 
 
 def _cell(values: list) -> str:
@@ -39,7 +39,9 @@ def validation_table(res: dict) -> str:
 def scores_table(res: dict, kind: str, merge: str | None = None) -> str:
     """kind 'single' or 'merged' (then `merge` names the merge); the earlier run's rows follow."""
     tasks, fin, cmp = res["tasks"], res["final"], res.get("compare")
-    lines = ["| Method | lr | seeds | " + " | ".join(tasks) + " | mean |", "|" + "---|" * (len(tasks) + 4)]
+    extra = " mean Δ (merged − single) |" if kind == "merged" else ""
+    lines = ["| Method | lr | seeds | " + " | ".join(tasks) + " | mean |" + extra,
+             "|" + "---|" * (len(tasks) + 4 + bool(extra))]
     if kind == "single" and fin.get("base"):
         lines.append("| base model (no adapter) | – | – | " + " | ".join(_fmt(fin["base"].get(t)) for t in tasks)
                      + f" | {_fmt(sum(fin['base'][t] for t in tasks) / len(tasks))} |")
@@ -50,8 +52,12 @@ def scores_table(res: dict, kind: str, merge: str | None = None) -> str:
             if not data:
                 continue
             cells = [_cell(list(data.get(t, {}).values())) for t in tasks]
-            lines.append(f"| {m}{tag} | {lr_of(m):g} | {len(seeds)} | " + " | ".join(cells)
-                         + f" | {_fmt(_task_means(data, tasks))} |")
+            mean = _task_means(data, tasks)
+            row = f"| {m}{tag} | {lr_of(m):g} | {len(seeds)} | " + " | ".join(cells) + f" | {_fmt(mean)} |"
+            if kind == "merged":
+                single = _task_means(src["single"].get(m) or {}, tasks)
+                row += f" {_fmt(None if mean is None or single is None else mean - single)} |"
+            lines.append(row)
 
     rows(fin, lambda m: res["best_lr"][m], fin["seeds"], " (own best lr)")
     if res.get("reference"):

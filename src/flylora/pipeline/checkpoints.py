@@ -54,7 +54,7 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     weights = _weights(folder)
     if weights is None:
         return "no adapter weights"
-    from .loading import AdapterLoadError, check_weights_file
+    from ..loading import AdapterLoadError, check_weights_file
 
     try:
         check_weights_file(str(weights))
@@ -87,7 +87,7 @@ def _trainer_callback_base():
 
 def complete_marker_callback():
     """A TrainerCallback that fsyncs each saved checkpoint and marks it complete (rank 0)."""
-    from .fsutil import _fsync_tree, atomic_write_json
+    from ..fsutil import _fsync_tree, atomic_write_json
 
     class CompleteMarker(_trainer_callback_base()):
         def on_save(self, args, state, control, **kwargs):
@@ -125,7 +125,7 @@ def train_or_recover(trainer, resume: str | None):
             raise KeyboardInterrupt(f"the complete checkpoints in {trainer.args.output_dir} are kept; the same "
                                     "command resumes from the last one") from None
         except Exception as e:  # torch.save on a full disk is a RuntimeError: say it in one line
-            from .fsutil import disk_full_error
+            from ..fsutil import disk_full_error
 
             full = disk_full_error(e, trainer.args.output_dir)
             if full is not None:
@@ -134,7 +134,7 @@ def train_or_recover(trainer, resume: str | None):
     from peft import set_peft_model_state_dict
     from transformers.trainer_utils import TrainOutput
 
-    from .loading import check_weights_file
+    from ..loading import check_weights_file
 
     weights = _weights(Path(resume))
     check_weights_file(str(weights))

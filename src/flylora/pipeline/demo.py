@@ -11,9 +11,9 @@ and 2) at CPU scale, on the embedded default model and data that ship offline.
     5. report: Table 1/2 layout, merge-drop chart, routing-load plot of one FlyLoRA adapter,
        theory checks on the trained adapters, wall time per phase, demo.json with every figure
 
-It runs through `flylora.experiment` (every stage cached on disk), so a second run skips what is
-done. `flylora demo --print-spec > my.yaml` writes the experiment spec; edit it and run it with
-`flylora report --experiment my.yaml`.
+It runs through `flylora.pipeline.experiment` (every stage cached on disk), so a second run
+skips what is done. `flylora demo --print-spec > my.yaml` writes the experiment spec; edit it and
+run it with `flylora report --experiment my.yaml`.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def demo_spec(*, quick: bool = False, seeds: int = 1, model: str | None = None, steps: int | None = None,
               limit: int | None = None, tasks: list[str] | None = None, out: str = DEFAULT_OUT) -> dict:
-    """The experiment spec `flylora demo` runs (see flylora.experiment for its fields)."""
+    """The experiment spec `flylora demo` runs (see flylora.pipeline.experiment for its fields)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     spec = copy.deepcopy(SPEC)
@@ -117,11 +117,11 @@ def demo_spec(*, quick: bool = False, seeds: int = 1, model: str | None = None, 
 def estimate_seconds(spec: dict) -> dict[str, float]:
     """A rough wall-time estimate per phase on a 2-core CPU, from token counts of the real data
     (training tokens at the recipe's steps × batch, scored tokens of every evaluation). Stages
-    already finished in the output folder (flylora.experiment's layout) cost nothing."""
-    from .evaluate import load_eval_data
-    from .experiment import slug
-    from .models import load_tokenizer, resolve_model_path
-    from .tasks import get_task
+    already finished in the output folder (flylora.pipeline.experiment's layout) cost nothing."""
+    from ..evaluation.evaluate import load_eval_data
+    from .experiment_spec import slug
+    from ..models import load_tokenizer, resolve_model_path
+    from ..tasks import get_task
 
     recipe, ev, out = spec["recipe"], spec["eval"], Path(spec["output_dir"])
     tok = load_tokenizer(resolve_model_path(recipe["model"]["name_or_path"]))
@@ -158,7 +158,7 @@ def estimate_seconds(spec: dict) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------- checks
 def _adapter_inputs(results: dict, label: str, seed: int):
-    from .merge.analysis import resolve_inputs
+    from ..merge.analysis import resolve_inputs
 
     runs = results["runs"][label][str(seed)]
     return resolve_inputs([(t, runs[t]) for t in results["train_tasks"]])
@@ -170,7 +170,7 @@ def theory_checks(results: dict, out_dir: Path, n_prompts: int = 16) -> dict:
     prediction p/(r√n), read from the experiment's interference analysis; for FlyLoRA also the JL
     distance ratios of its A on real layer inputs (Theorem 3.1: ‖A(x−y)‖² / (rσ²‖x−y‖²)
     concentrates around 1) and its routing load (plotted)."""
-    from .merge.analysis import load_adapters
+    from ..merge.analysis import load_adapters
 
     seed = results["seeds"][0]
     checks: dict = {"seed": seed, "methods": {}}
@@ -198,11 +198,11 @@ def probe_flylora(model, inp, n_prompts: int, png: Path) -> tuple[dict, dict]:
     """One pass of held-out prompts of the adapter's task (one at a time: no padding tokens)
     through one FlyLoRA adapter. Returns the JL ratios of every module's frozen A on the inputs
     that module really sees (consecutive token pairs) and the expert loads, plotted to `png`."""
-    from .balance import record_routing, routed_layers, routing_stats
-    from .merge.analysis import eval_prompts
-    from .merge.interference import jl_distance_ratios, jl_summary
-    from .models import load_tokenizer
-    from .report.plots import plot_routing_loads
+    from ..balance import record_routing, routed_layers, routing_stats
+    from ..merge.analysis import eval_prompts
+    from ..merge.interference import jl_distance_ratios, jl_summary
+    from ..models import load_tokenizer
+    from ..report.plots import plot_routing_loads
 
     model.base_model.set_adapter(inp.name)
     tok = load_tokenizer(model.peft_config[inp.name].base_model_name_or_path)
@@ -249,7 +249,7 @@ def _binomial_se(p: float, n: int) -> float:
 
 def summary_lines(results: dict, checks: dict) -> list[str]:
     """Plain statements of what the numbers say, whichever way they fall, and what they cannot."""
-    from .experiment import mean_std, merge_drops
+    from .summaries import mean_std, merge_drops
 
     tasks, n = results["tasks"], results["eval"]["limit"]
     single = {lbl: mean_std([mean_std(list(results["single"][lbl][t].values()))[0] for t in tasks])[0]
@@ -311,9 +311,9 @@ def theory_markdown(checks: dict) -> str:
 
 
 def write_demo_report(results: dict, checks: dict, out_dir: Path, estimate: dict, wall_s: float) -> dict:
-    from .bench import machine_info
-    from .report.tables import markdown as results_markdown
-    from .report.tables import write_report
+    from ..bench.report import machine_info
+    from ..report.tables import markdown as results_markdown
+    from ..report.tables import write_report
 
     paths = write_report(results, out_dir)
     m = machine_info(torch.get_num_threads())
@@ -341,7 +341,7 @@ def write_demo_report(results: dict, checks: dict, out_dir: Path, estimate: dict
 
 def run(args: argparse.Namespace) -> int:
     from .experiment import run_experiment
-    from .models import set_threads
+    from ..models import set_threads
 
     spec = demo_spec(quick=args.quick, seeds=args.seeds, model=args.model, steps=args.steps, limit=args.limit,
                      tasks=args.tasks.split(",") if args.tasks else None, out=args.out)

@@ -1,27 +1,14 @@
 """The multi-task merging experiment: train T adapters per method and seed, evaluate each on its
 own task, merge them, evaluate the merge on every task; results.json for `flylora report`.
 
-    from flylora.experiment import run_experiment
-    results = run_experiment("recipes/cpu/experiment_smollm2.yaml")    # or a dict (flylora.demo.demo_spec())
+    from flylora.pipeline.experiment import run_experiment
+    results = run_experiment("recipes/cpu/experiment_smollm2.yaml")  # or a dict: flylora.pipeline.demo.demo_spec()
     # -> <output_dir>/results.json; then flylora.report.write_report(results, out_dir)
 
 CLI: `flylora report --experiment SPEC.yaml [key=value ...]` (runs, then writes the report), or
-`python -m flylora.experiment SPEC.yaml`.
-
-The spec (validated strictly, like recipes; one line naming a bad key):
-
-    name: cpu_merge
-    recipe: recipes/cpu/base.yaml        # base training recipe: a path (relative to the spec) or a mapping
-    methods:                             # label -> recipe overrides (dotted keys, as on the train CLI)
-      flylora: {method.name: flylora, method.config: {r: 32, k: 8, lora_alpha: 64}}
-      lora_r8: {method.name: lora, method.config: {r: 8, lora_alpha: 16}}
-    tasks: [glue:sst2, commonsense:boolq]
-    seeds: [0, 1]                        # train.seed (FlyLoRA's A is derived from seed and task)
-    eval: {limit: 100, mode: loglik, batch_size: 16, bf16_autocast: true}
-    merges:                              # label -> flylora merge options
-      weight_average: {method: weight_average}
-      routed_union: {method: routed_union, only: [flylora]}
-    analysis: [weight_average]           # interference analysis (first seed): true, false or merge labels
+`python -m flylora.pipeline.experiment SPEC.yaml`. The spec's fields and their validation:
+flylora.pipeline.experiment_spec; summaries of the results (mean ± std, merge drops):
+flylora.pipeline.summaries.
 
 Every stage is cached on disk (run.json, results.json, merge.json), so a rerun after an
 interruption picks up where it stopped; a training run interrupted mid-way resumes from its last
@@ -33,175 +20,15 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
 
-from .recipe import _build, apply_overrides, load_recipe, read_yaml
+from .experiment_spec import DELTA_OK, ExperimentSpec, MergeSpec, _spec_dict, load_spec, merge_applies, recipe_for, slug
+from .recipe import load_recipe
 
 RESULTS_VERSION = 1
-ROUTED_TYPES = ("flylora",)  # adapter methods whose ΔW merges drop input-dependent routing
-DELTA_OK = ("lora", "adalora", "flylora", "lora_fa")
-UNION_OK = ("lora", "flylora", "lora_fa", "split_lora", "hydralora", "moelora", "toplora")
-
-
-@dataclass
-class EvalSpec:
-    split: Optional[str] = None  # default: carved-test for carved-train/carved-fit runs, else test
-    limit: Optional[int] = 100
-    limit_seed: Optional[int] = None
-    mode: str = "generate"  # generate (the paper's protocol) or loglik (multiple choice)
-    batch_size: int = 16
-    bf16_autocast: bool = True
-    max_new_tokens: Optional[int] = None
-    include_base: bool = True
-    task_map: dict = field(default_factory=dict)  # training task -> evaluation task (code_alpaca: humaneval)
-    per_task: dict = field(default_factory=dict)  # evaluation task -> extra evaluate() kwargs
-
-
-@dataclass
-class MergeSpec:
-    method: str = "weight_average"
-    weights: Optional[list[float]] = None
-    density: float = 0.5
-    majority: str = "total"
-    seed: int = 0
-    dare_combine: str = "sum"
-    knots_merge: str = "ties"
-    format: str = "auto"
-    rank: Optional[int] = None
-    legacy_form: str = "routed"
-    only: Optional[list[str]] = None  # method labels this merge applies to (default: all it supports)
-
-
-@dataclass
-class ExperimentSpec:
-    name: str = "experiment"
-    description: str = ""
-    recipe: Any = None  # path or mapping
-    methods: dict = field(default_factory=dict)
-    tasks: list[str] = field(default_factory=list)  # training tasks
-    task_overrides: dict = field(default_factory=dict)  # training task -> recipe overrides (epochs, lr, ...)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    merges: dict = field(default_factory=dict)
-    analysis: Union[bool, list[str]] = True  # interference analysis (first seed): all merges, none, or these labels
-    analysis_prompts: int = 16
-    output_dir: str = "runs/experiments/{name}"
-    train_dir: Optional[str] = None  # training runs (default <output_dir>/train); specs sharing it share adapters
-    keep_full_weights: bool = False  # full-weight merges are deleted after evaluation (they are big)
-    threads: Optional[int] = None
-
-    @property
-    def out(self) -> Path:
-        return Path(self.output_dir.replace("{name}", self.name))
-
-    @property
-    def train_root(self) -> Path:
-        return Path(self.train_dir.replace("{name}", self.name)) if self.train_dir else self.out / "train"
-
-    def eval_task(self, task: str) -> str:
-        return self.eval.task_map.get(task, task)
-
-    @property
-    def eval_tasks(self) -> list[str]:
-        return [self.eval_task(t) for t in self.tasks]
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "-", text).strip("-")
-
-
-def read_spec_source(source: str | os.PathLike | dict, overrides: list[str] | dict | None = None) -> tuple[dict, Path]:
-    """(spec dict with overrides applied and `name` defaulting to the file's stem, folder that
-    relative paths in it resolve from) for a YAML path or an already-parsed dict."""
-    if isinstance(source, dict):
-        return apply_overrides(source, overrides), Path(".")
-    data = read_yaml(source)
-    data.setdefault("name", Path(source).stem)
-    return apply_overrides(data, overrides), Path(source).parent
-
-
-def load_spec(source: str | os.PathLike | dict, overrides: list[str] | dict | None = None) -> tuple[ExperimentSpec, dict]:
-    """(validated spec, base recipe dict). A relative `recipe:` path is relative to the spec file."""
-    from .merge.cli import METHODS as MERGE_METHODS
-
-    data, base_dir = read_spec_source(source, overrides)
-    spec = _build(ExperimentSpec, data, "spec")
-    merges = {}
-    for label, m in spec.merges.items():
-        merges[label] = _build(MergeSpec, m or {}, f"spec.merges.{label}")
-        if merges[label].method not in MERGE_METHODS:
-            raise ValueError(f"spec.merges.{label}.method: {merges[label].method!r} is not allowed "
-                             f"(allowed: {', '.join(MERGE_METHODS)})")
-    spec.merges = merges
-    if not spec.tasks or not spec.methods:
-        raise ValueError("spec: needs at least one of each of `tasks` and `methods`")
-    if not spec.seeds:
-        raise ValueError("spec.seeds: needs at least one seed")
-    from .tasks import get_task
-
-    for t in spec.tasks + spec.eval_tasks:
-        get_task(t)
-    for key, label in ((spec.task_overrides, "spec.task_overrides"), (spec.eval.task_map, "spec.eval.task_map")):
-        unknown = sorted(set(key) - set(spec.tasks))
-        if unknown:
-            raise ValueError(f"{label}: {unknown} are not among spec.tasks {spec.tasks}")
-    unknown = sorted(set(spec.eval.per_task) - set(spec.eval_tasks))
-    if unknown:
-        raise ValueError(f"spec.eval.per_task: {unknown} are not among the evaluation tasks {spec.eval_tasks}")
-    if len(set(spec.eval_tasks)) != len(spec.eval_tasks):
-        raise ValueError(f"spec: two training tasks map to the same evaluation task ({spec.eval_tasks})")
-    if spec.eval.mode not in ("generate", "loglik"):
-        raise ValueError(f"spec.eval.mode: {spec.eval.mode!r} is not allowed (allowed: generate, loglik)")
-    if isinstance(spec.recipe, str):
-        path = Path(spec.recipe)
-        recipe = read_yaml(path if path.is_absolute() or path.is_file() else base_dir / path)
-    elif isinstance(spec.recipe, dict):
-        recipe = spec.recipe
-    else:
-        raise ValueError(f"spec.recipe: expected a recipe path or mapping, got {spec.recipe!r}")
-    for label, overrides in spec.methods.items():
-        if not isinstance(overrides, dict):
-            raise ValueError(f"spec.methods.{label}: expected a mapping of recipe overrides, got {overrides!r}")
-        if "/" in label or not label:
-            raise ValueError(f"spec.methods: bad label {label!r}")
-        # validate every (method, task) recipe now, before hours of training
-        for task in spec.tasks:
-            try:
-                load_recipe(recipe_for(recipe, overrides, task, spec.seeds[0], Path("/tmp/x"), label,
-                                       spec.task_overrides.get(task)))
-            except ValueError as e:
-                raise ValueError(f"spec.methods.{label}: {e}") from None
-        for mlabel, m in spec.merges.items():
-            if m.only is not None and not set(m.only) <= set(spec.methods):
-                raise ValueError(f"spec.merges.{mlabel}.only: unknown method labels "
-                                 f"{sorted(set(m.only) - set(spec.methods))}")
-    return spec, recipe
-
-
-def recipe_for(base: dict, overrides: dict, task: str, seed: int, run_dir: Path, label: str,
-               task_overrides: dict | None = None) -> dict:
-    data = apply_overrides(apply_overrides(base, overrides), task_overrides or {})
-    return apply_overrides(data, {"name": f"{label}-{slug(task)}-s{seed}", "data.task": task,
-                                  "train.seed": seed, "output.dir": str(run_dir), "output.overwrite": False,
-                                  "output.resume": "auto"})
-
-
-def merge_applies(merge: MergeSpec, label: str, method_name: str) -> str | None:
-    """None if the merge applies to this adapter method, else the reason it does not."""
-    if merge.only is not None:
-        return None if label in merge.only else "not selected (only:)"
-    if merge.method in ("weight_average", "task_arithmetic", "ties", "dare", "knots") and method_name not in DELTA_OK:
-        return f"{method_name} has no ΔW = B·A factors"
-    if merge.method == "routed_union" and method_name not in UNION_OK:
-        return f"routed union does not support {method_name}"
-    return None
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -210,7 +37,7 @@ def _json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from .fsutil import atomic_write_json  # temp, fsync, rename
+    from ..fsutil import atomic_write_json  # temp, fsync, rename
 
     atomic_write_json(path, data)
 
@@ -258,14 +85,14 @@ def _evaluate(tasks: list[str], model_name: str, out_dir: Path, kwargs: dict, *,
 
 def _evaluate_once(tasks: list[str], model_name: str, out_dir: Path, kwargs: dict, *, adapter: tuple | None = None,
                    union: str | None = None, full: str | None = None) -> dict:
-    from .evaluate import evaluate
+    from ..evaluation.evaluate import evaluate
 
     cached = _json(out_dir / "results.json")
     if cached is not None and cached.get("complete", True):  # an interrupted eval is redone, not reused
         return cached
     if union is not None:
-        from .merge.union import load_routed_union
-        from .models import load_model, load_tokenizer, resolve_model_path
+        from ..merge.union import load_routed_union
+        from ..models import load_model, load_tokenizer, resolve_model_path
 
         path = resolve_model_path(model_name)
         model = load_routed_union(load_model(path), union)
@@ -280,7 +107,7 @@ def run_experiment(spec_source: str | os.PathLike | dict, overrides: list[str] |
     """Run (or finish) the experiment; returns the results dict, also written to <out>/results.json.
     Results are keyed by evaluation task (spec.eval.task_map maps training tasks to them).
     The folder must be new, empty or an experiment folder of ours; it is locked while running."""
-    from .fsutil import dir_lock, ensure_dir
+    from ..fsutil import dir_lock, ensure_dir
 
     spec, base_recipe = load_spec(spec_source, overrides)
     out = ensure_dir(spec.out, "spec.output_dir", kind="experiment")
@@ -294,7 +121,7 @@ def _run_experiment(spec: ExperimentSpec, base_recipe: dict, *, progress: bool =
     from .train import load_run, train
 
     if spec.threads:
-        from .models import set_threads
+        from ..models import set_threads
 
         set_threads(spec.threads)
     out = spec.out
@@ -391,7 +218,7 @@ def _merge_stage(spec: ExperimentSpec, m: MergeSpec, mlabel: str, label: str, se
                  method_name: str, timing: dict) -> dict:
     """merge.json of this (method, seed, merge), merging unless a finished merge (or its cached
     evaluation) is already on disk."""
-    from .merge.cli import merge_adapters
+    from ..merge.cli import merge_adapters
 
     out = spec.out
     mdir = out / "merge" / label / f"seed{seed}" / mlabel
@@ -400,7 +227,7 @@ def _merge_stage(spec: ExperimentSpec, m: MergeSpec, mlabel: str, label: str, se
     if info is not None and (evaluated or _artifact_present(mdir, info)):
         return info
     if mdir.exists():  # an unfinished merge of ours; never a folder flylora did not write
-        from .fsutil import remove_ours
+        from ..fsutil import remove_ours
 
         remove_ours(mdir, "merge folder")
     wanted = spec.analysis is True or (isinstance(spec.analysis, list) and mlabel in spec.analysis)
@@ -422,44 +249,13 @@ def _artifact_present(mdir: Path, info: dict) -> bool:
     return True
 
 
-def _spec_dict(spec: ExperimentSpec) -> dict:
-    d = dataclasses.asdict(spec)
-    d["merges"] = {k: dataclasses.asdict(v) for k, v in spec.merges.items()}
-    return d
-
-
-# ----------------------------------------------------------------------------------- summaries
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (None with fewer than 2 values)."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-
-
-def merge_drops(results: dict) -> dict[str, dict[str, dict[str, float]]]:
-    """{merge label: {method label: {task: mean(after) − mean(before)}}} in points."""
-    out: dict = {}
-    for label, merges in results["merged"].items():
-        for mlabel, per_task in merges.items():
-            for task, by_seed in per_task.items():
-                after, _ = mean_std(list(by_seed.values()))
-                before, _ = mean_std(list(results["single"][label][task].values()))
-                if after is not None and before is not None:
-                    out.setdefault(mlabel, {}).setdefault(label, {})[task] = after - before
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flylora.experiment", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m flylora.pipeline.experiment", description=__doc__.splitlines()[0])
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--report", help="also write the report to this folder (default: the experiment folder)")
     args = p.parse_args(argv)
-    from .report.tables import write_report
+    from ..report.tables import write_report
 
     results = run_experiment(args.spec, args.overrides)
     paths = write_report(results, Path(args.report) if args.report else load_spec(args.spec, args.overrides)[0].out)
