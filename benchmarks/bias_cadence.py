@@ -5,7 +5,7 @@ routing recorded). One JSON per run under OUT; rerunning skips finished runs.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/bias_cadence.py 0,1,2 step,micro_batch [OUT]
 """
-import json, sys, time, math
+import json, sys, time
 from pathlib import Path
 import torch
 OUT = Path(sys.argv[3] if len(sys.argv) > 3 else "runs/bias_cadence")

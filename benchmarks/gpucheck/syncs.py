@@ -31,15 +31,18 @@ _FRAME = re.compile(r"^(?P<file>.+\.py)\((?P<line>\d+)\): (?P<func>.+)$")
 
 
 def _flylora_files() -> tuple[str, ...]:
-    """The package's source files as 'flylora/…/name.py' suffixes (how profiler frames end)."""
+    """The package's source files as 'flylora/…/name.py' suffixes (how profiler frames end), less
+    flylora/bench/: that is the harness driving the step (its frames sit above every op of it), not
+    code on a user's hot path."""
     import flylora
 
     root = os.path.dirname(flylora.__file__)
     out = []
     for d, _, files in os.walk(root):
         for f in files:
-            if f.endswith(".py"):
-                out.append("flylora/" + os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/"))
+            rel = os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+            if f.endswith(".py") and not rel.startswith("bench/"):
+                out.append("flylora/" + rel)
     return tuple(out)
 
 

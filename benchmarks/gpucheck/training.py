@@ -37,18 +37,9 @@ class Stepper:
 
     def step(self) -> None:
         from flylora.balance import update_routing_bias
+        from flylora.bench.cases import adapter_step  # the step `flylora bench` times, on this device
 
-        with self.device.autocast(torch.bfloat16):
-            if self.opt is None:
-                emb = self.model.get_input_embeddings()(self.batch["input_ids"]).detach().requires_grad_(True)
-                out = self.model(inputs_embeds=emb, attention_mask=self.batch["attention_mask"],
-                                 labels=self.batch["labels"])  # fmt: skip
-            else:
-                out = self.model(**self.batch)
-        out.loss.backward()
-        if self.opt is not None:
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+        adapter_step(self.model, self.batch, self.opt, self.device.autocast(torch.bfloat16))
         if self.routed:
             t = time.perf_counter()
             with self.bias_timer.span():

@@ -72,6 +72,21 @@ def _method_configs() -> dict[str, Optional[object]]:
     }  # fmt: skip
 
 
+def adapter_step(model: torch.nn.Module, batch: dict, opt: Optional[torch.optim.Optimizer], autocast_ctx) -> None:
+    """Forward (inside `autocast_ctx`) + backward + optimizer step. With no optimizer (the frozen
+    base) it back-propagates to the detached input embeddings: the floor every adapter pays."""
+    with autocast_ctx:
+        if opt is None:
+            emb = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+            out = model(inputs_embeds=emb, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        else:
+            out = model(**batch)
+    out.loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 @dataclass
 class Runner:
     """One method on one model, ready to step: the (PEFT) model, its optimizer, fixed inputs."""
@@ -91,16 +106,7 @@ class Runner:
         """One step; returns the seconds spent in update_routing_bias (0 for non-routed methods)."""
         from ..balance import update_routing_bias
 
-        with self._ctx():
-            if self.opt is None:  # frozen base: backprop to the (detached) input embeddings
-                emb = self.model.get_input_embeddings()(self.batch["input_ids"]).detach().requires_grad_(True)
-                out = self.model(inputs_embeds=emb, attention_mask=self.batch["attention_mask"], labels=self.batch["labels"])
-            else:
-                out = self.model(**self.batch)
-        out.loss.backward()
-        if self.opt is not None:
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+        adapter_step(self.model, self.batch, self.opt, self._ctx())
         if not self.routed:
             return 0.0
         tick = _clock(self.clock)

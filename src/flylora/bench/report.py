@@ -122,7 +122,7 @@ def format_tables(result: dict) -> str:
         if u:
             lines.append("routed union (T FlyLoRA task adapters active), inference ×frozen base: " + ", ".join(
                 f"T={t}: {_fmt_ratio(u[f'T={t}']['ratio_vs_frozen_base'])}" for t in u["tasks"]))
-            lines.append(f"  overhead per task: " + ", ".join(f"T={t}: {u['overhead_per_task'][str(t)]:+.1%}"
+            lines.append("  overhead per task: " + ", ".join(f"T={t}: {u['overhead_per_task'][str(t)]:+.1%}"
                          for t in u["tasks"]) + f"; line fit R² {u['linear_fit']['r2']:.3f}")  # fmt: skip
     h = result.get("headline")
     if h:
