@@ -21,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from flylora.cli import COMMANDS
 from pipeline_child import tiny_model_dir, tiny_recipe
 
 ADAPTER = "adapter_model.safetensors"
@@ -367,6 +368,38 @@ def test_top_level_help_is_whole_and_imports_nothing_heavy():
     assert "Run `flylora <command> --help` for a command's options." in text
     for name in ("demo", "eval", "train", "merge", "report", "bench"):
         assert f" {name} " in text
+
+
+HEAVY = ("torch", "transformers", "peft", "datasets", "numpy")
+_COMMAND_HELP = """
+import contextlib, io, sys
+from flylora.cli import COMMANDS, main
+out = io.StringIO()
+def call(argv):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return main(argv)
+        except SystemExit as e:
+            return e.code
+print("HELP", call([{cmd!r}, "--help"]))
+if not getattr(sys.modules[COMMANDS[{cmd!r}][0]], "TAKES_REMAINDER", False):  # lm-eval passes unknown options on
+    print("BAD OPTION", call([{cmd!r}, "--no-such-option"]))
+print("HEAVY", sorted(m for m in {heavy!r} if m in sys.modules))
+print(out.getvalue())
+"""
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_command_help_and_argument_errors_import_nothing_heavy(command):
+    """`flylora <command> --help` and an unknown option import the command's module, but not torch,
+    transformers, peft, datasets or numpy: only `run` needs them."""
+    code = _COMMAND_HELP.format(cmd=command, heavy=HEAVY)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "HELP 0" in proc.stdout and f"usage: flylora {command}" in proc.stdout, proc.stdout[-2000:]
+    if command != "lm-eval":
+        assert "BAD OPTION 2" in proc.stdout, proc.stdout[-2000:]
+    assert "HEAVY []" in proc.stdout, proc.stdout.splitlines()[:3]
 
 
 def test_lazy_import_flylora_still_registers_the_methods_with_peft():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+from .defaults import DEFAULT_MODEL
 
 # embedded name -> (python package that ships the file, GGUF file name, cache folder name)
 EMBEDDED = {

@@ -10,16 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from .cases import FLOOR, MODELS, REF_SIZE, REF_STEP, UNION_TASKS, _method_configs
-from .phases import Plan, bench_model
-from .report import _loadavg, format_tables, headline, machine_info
-
+# torch and the bench modules that import it (cases, phases, report) are imported by `run`, so
+# that `flylora bench --help` imports nothing heavy
 
 # ---------------------------------------------------------------- CLI
 
-#: mode -> (models, (min, max) repetitions, per-phase budget in seconds, memory-only sweeps)
+#: mode -> (models, (min, max) repetitions, per-phase budget in seconds, memory-only sweeps); the full
+#: mode's models are all of cases.MODELS
 MODES = {
     "smoke": (["tiny"], (2, 2), 0.0, {}),
     "quick": (["tiny", "mid"], (5, 20), 20.0, {}),
@@ -32,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny model only, 2 repetitions (seconds; for tests)")
     p.add_argument("--json", default=None, metavar="PATH", help="write every figure here (default: "
                    "benchmarks/bench.json for a full run, nothing for --quick/--smoke)")  # fmt: skip
-    p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODES['full'][0])}")
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods (the reference "
                    "methods lora_r8, lora_r32 and frozen_base are always included)")  # fmt: skip
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per phase (default: 10 to 40 "
@@ -48,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     t0, threads_before = time.perf_counter(), torch.get_num_threads()
     try:
         return _run(args, t0)
@@ -60,6 +59,10 @@ def _run(args, t0: float) -> int:
         from .quant import run_quantized
 
         return run_quantized(args, t0)
+    from .cases import FLOOR, MODELS, REF_SIZE, REF_STEP, UNION_TASKS, _method_configs
+    from .phases import Plan, bench_model
+    from .report import _loadavg, format_tables, headline, machine_info
+
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     models, reps, budget, memory_seqs = MODES[mode]
     if args.models:

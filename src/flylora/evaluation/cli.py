@@ -1,7 +1,8 @@
 """`flylora eval`: evaluate a model (+ adapters) on tasks, from the command line.
 
 The Python API is flylora.evaluation.evaluate; the option checks and the split defaults taken
-from the adapters' training runs are flylora.evaluation.options.
+from the adapters' training runs are flylora.evaluation.options. Only `run` imports the tasks and
+the evaluation (torch, numpy), so `--help` and option errors import nothing heavy.
 """
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import datetime as _dt
 import sys
 from pathlib import Path
 
-from ..models import DEFAULT_MODEL
-from ..tasks import expand, get_task
-from .evaluate import EVAL_SPLITS, LOGLIK_NORMS, evaluate, markdown_table
-from .samples import _humaneval_report, humaneval_from_completions, read_samples
+from ..defaults import DEFAULT_MODEL
+from .options import EVAL_SPLITS, LOGLIK_NORMS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,6 +78,7 @@ def _parse_data(specs: list[str], names: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.list_tasks:
+        from ..tasks import get_task
         from ..tasks.registry import groups, list_tasks
 
         for n in list_tasks():
@@ -104,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, out_dir: Path) -> int:
+    from ..tasks import expand, get_task
+    from .evaluate import evaluate, markdown_table
     from .options import default_split
+    from .samples import _humaneval_report, humaneval_from_completions, read_samples
 
     default_split(args)
     if args.no_progress:  # also transformers' own bars (model loading)

@@ -33,10 +33,7 @@ from ..tasks.base import Task
 from ..tasks.scoring import char_length, choose_by_loglik
 from ..tasks.sources import Loaded
 from .inference import generate, loglikelihoods
-from .options import check_ignored
-
-EVAL_SPLITS = ("test", "carved-test", "carved-val")  # carved-val: selection only (tasks/base.py)
-LOGLIK_NORMS = ("none", "char", "token")
+from .options import EVAL_SPLITS, LOGLIK_NORMS, check_ignored
 
 
 # ----------------------------------------------------------------------------- model plumbing

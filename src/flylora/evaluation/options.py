@@ -1,5 +1,6 @@
 """`flylora eval` options: silently ignored ones are errors, and the split defaults to what the
-adapters were trained for (carved-test for carved-train adapters, with their carve)."""
+adapters were trained for (carved-test for carved-train adapters, with their carve). The choices of
+--split and --loglik-norm are here too, so that `flylora eval --help` imports nothing heavy."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,9 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+
+EVAL_SPLITS = ("test", "carved-test", "carved-val")  # carved-val: selection only (tasks/base.py)
+LOGLIK_NORMS = ("none", "char", "token")
 
 
 def check_ignored(task, *, mode: str, scoring_mode: str | None, max_new_tokens: int | None = None,

@@ -3,39 +3,26 @@
 Knows nothing about training or data: a task adapter is {module_name: LowRankDelta(B, A, scale)}
 with ΔW = scale · B · A; merges are exact in ΔW space (FlyLoRA paper Eq. 12 and friends).
 """
-from flylora.merge.deltas import (
-    LowRankDelta,
-    check_task_adapters,
-    delta_weight,
-    delta_weights,
-    factors_from_peft_model,
-)
-from flylora.merge.interference import (
-    cosine_summary,
-    cross_projection_norms,
-    cross_projection_summary,
-    jl_distance_ratios,
-    jl_summary,
-    linear_cka,
-    mean_cosine_matrix,
-    pairwise_cosines,
-    predicted_cross_entry_var,
-    predicted_cross_frobenius,
-    row_nonzeros,
-)
-from flylora.merge.io import lora_config_for, lora_state_dict, merged_full_weights, save_peft_lora_adapter
-from flylora.merge.methods import (
-    dare,
-    knots,
-    knots_lowrank,
-    legacy_separate_average,
-    svd_truncate,
-    task_arithmetic,
-    task_arithmetic_lowrank,
-    ties,
-    weight_average,
-    weight_average_lowrank,
-)
+# public name -> the submodule that defines it, imported on first access (PEP 562), so that importing
+# a submodule (`flylora merge --help` imports flylora.merge.cli) does not import torch
+_EXPORTS = {
+    "LowRankDelta": "deltas", "check_task_adapters": "deltas", "delta_weight": "deltas",
+    "delta_weights": "deltas", "factors_from_peft_model": "deltas",
+    "cosine_summary": "interference", "cross_projection_norms": "interference",
+    "cross_projection_summary": "interference", "jl_distance_ratios": "interference", "jl_summary": "interference",
+    "linear_cka": "interference", "mean_cosine_matrix": "interference", "pairwise_cosines": "interference",
+    "predicted_cross_entry_var": "interference", "predicted_cross_frobenius": "interference",
+    "row_nonzeros": "interference",
+    "lora_config_for": "io", "lora_state_dict": "io", "merged_full_weights": "io", "save_peft_lora_adapter": "io",
+    "dare": "methods", "knots": "methods", "knots_lowrank": "methods", "legacy_separate_average": "methods",
+    "svd_truncate": "methods", "task_arithmetic": "methods", "task_arithmetic_lowrank": "methods",
+    "ties": "methods", "weight_average": "methods", "weight_average_lowrank": "methods",
+    # model-level pipeline: routed union artifacts, the merge API behind `flylora merge`, analysis glue
+    "is_routed_union": "union", "load_routed_union": "union", "write_routed_union": "union",
+    "merge_adapters": "cli",
+    "interference_report": "analysis", "load_task_factors": "analysis", "resolve_inputs": "analysis",
+    "plot_cosine_heatmap": "plots", "plot_merge_drops": "plots",
+}
 
 __all__ = [
     "LowRankDelta",
@@ -70,12 +57,6 @@ __all__ = [
     "weight_average_lowrank",
 ]
 
-# model-level pipeline: routed union artifacts, the merge API behind `flylora merge`, analysis glue
-from flylora.merge.union import is_routed_union, load_routed_union, write_routed_union  # noqa: E402
-from flylora.merge.cli import merge_adapters  # noqa: E402
-from flylora.merge.analysis import interference_report, load_task_factors, resolve_inputs  # noqa: E402
-from flylora.merge.plots import plot_cosine_heatmap, plot_merge_drops  # noqa: E402
-
 __all__ += [
     "interference_report",
     "is_routed_union",
@@ -87,3 +68,20 @@ __all__ += [
     "resolve_inputs",
     "write_routed_union",
 ]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    elif name in set(_EXPORTS.values()):  # a submodule, as when this file imported them all
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -37,9 +37,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from flylora.merge.analysis import AdapterInput, base_model_of, load_task_factors, resolve_inputs
+if TYPE_CHECKING:
+    from flylora.merge.analysis import AdapterInput
+
+# flylora.merge.analysis (torch) is imported where it is used, so that `flylora merge --help`
+# imports nothing heavy
 
 METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "knots", "routed_union", "legacy_average")
 DELTA_METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "knots")
@@ -199,6 +203,8 @@ def merge_adapters(inputs: Sequence[str | tuple[str, str]] | Sequence[AdapterInp
                    analysis_prompts: int = 16, tasks: dict[str, str] | None = None) -> dict:
     """Merge `inputs` with `method` into `out_dir`; returns merge.json's dict (see module docstring).
     `kind` in the result is how to load the output: adapter, full or union."""
+    from flylora.merge.analysis import AdapterInput, base_model_of, resolve_inputs
+
     start = time.monotonic()
     ins = list(inputs) if inputs and isinstance(inputs[0], AdapterInput) else resolve_inputs(inputs, tasks)
     fmt = _check_options(method, len(ins), None if weights is None else list(weights), output_format)
@@ -220,6 +226,8 @@ def merge_adapters(inputs: Sequence[str | tuple[str, str]] | Sequence[AdapterInp
 
 def _merge_locked(ins, method, out, fmt, base_name, start, *, weights, density, majority, seed, dare_combine,
                   knots_merge, rank, legacy_form, dtype, overwrite, analyze, analysis_dir, analysis_prompts) -> dict:
+    from flylora.merge.analysis import load_task_factors
+
     types = sorted({i.peft_type for i in ins})
     info = {"flylora_merge_version": 1, "method": method, "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "inputs": [{"name": i.name, "adapter": i.adapter, "peft_type": i.peft_type, "task": i.task,

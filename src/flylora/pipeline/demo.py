@@ -25,8 +25,7 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
+# torch is imported where it is used, so that `flylora demo --help` imports nothing heavy
 TASKS = ["cloze:sst2", "cloze:arc_e", "cloze:csqa"]
 QUICK_TASKS = ["cloze:sst2", "cloze:csqa"]
 FLYLORA = "flylora_r32_k8"
@@ -193,11 +192,19 @@ def theory_checks(results: dict, out_dir: Path, n_prompts: int = 16) -> dict:
     return checks
 
 
-@torch.no_grad()
 def probe_flylora(model, inp, n_prompts: int, png: Path) -> tuple[dict, dict]:
     """One pass of held-out prompts of the adapter's task (one at a time: no padding tokens)
     through one FlyLoRA adapter. Returns the JL ratios of every module's frozen A on the inputs
     that module really sees (consecutive token pairs) and the expert loads, plotted to `png`."""
+    import torch
+
+    with torch.no_grad():
+        return _probe_flylora(model, inp, n_prompts, png)
+
+
+def _probe_flylora(model, inp, n_prompts: int, png: Path) -> tuple[dict, dict]:
+    import torch
+
     from ..balance import record_routing, routed_layers, routing_stats
     from ..merge.analysis import eval_prompts
     from ..merge.interference import jl_distance_ratios, jl_summary
@@ -311,6 +318,8 @@ def theory_markdown(checks: dict) -> str:
 
 
 def write_demo_report(results: dict, checks: dict, out_dir: Path, estimate: dict, wall_s: float) -> dict:
+    import torch
+
     from ..bench.report import machine_info
     from ..report.tables import markdown as results_markdown
     from ..report.tables import write_report

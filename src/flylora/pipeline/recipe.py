@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from ..models import DEFAULT_MODEL
+from ..defaults import DEFAULT_MODEL
 
 # method name -> (module, config class); imported lazily so `flylora train --help` stays fast
 METHODS: dict[str, tuple[str, str]] = {
@@ -222,7 +222,7 @@ def method_config_class(name: str):
 
     _choice("recipe.method.name", name, METHODS)
     module, cls = METHODS[name]
-    import flylora  # noqa: F401  (registers the flylora methods with PEFT)
+    importlib.import_module("flylora")  # registers the flylora methods with PEFT
 
     return getattr(importlib.import_module(module), cls)
 

@@ -39,21 +39,30 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from .recipe import Recipe, dump_recipe, first_difference, load_recipe
-from .trainer import (_callbacks, _rank, _trainer_class, _world_size, build_dataset, build_peft_config,
-                      derive_seed, peft_config_kwargs, total_optimizer_steps, training_arguments)
 
-# derive_seed and peft_config_kwargs live in .trainer and stay importable from here
-__all__ = ["train", "load_run", "derive_seed", "peft_config_kwargs", "tensorboard_available", "adapter_digest",
-           "package_versions", "add_arguments", "run", "main"]
+# torch, transformers and .trainer (which imports torch) are imported where they are used, so that
+# `flylora train --help` imports nothing heavy. derive_seed and peft_config_kwargs live in .trainer
+# and stay importable from here, on first access (module __getattr__ below).
+_FROM_TRAINER = ["derive_seed", "peft_config_kwargs"]
+__all__ = ["train", "load_run", "tensorboard_available", "adapter_digest", "package_versions", "add_arguments",
+           "run", "main"] + _FROM_TRAINER
 
 RUN_VERSION = 1
 
 
+def __getattr__(name: str):
+    if name in _FROM_TRAINER:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ----------------------------------------------------------------------------------- helpers
 def _log(msg: str) -> None:
+    from .trainer import _rank
+
     if _rank() == 0:
         print(msg, flush=True)
 
@@ -61,6 +70,7 @@ def _log(msg: str) -> None:
 def package_versions() -> dict[str, str]:
     import accelerate
     import peft
+    import torch
     import transformers
 
     import flylora
@@ -76,6 +86,7 @@ def tensorboard_available() -> bool:
 
 def adapter_digest(model) -> str:
     """sha256 over the adapter's saved tensors (name, dtype, shape, bytes), in name order."""
+    import torch
     from peft.utils import get_peft_model_state_dict
 
     h = hashlib.sha256()
@@ -93,6 +104,7 @@ def _prepare_run_dir(recipe: Recipe) -> tuple[Path, str | None]:
     A folder flylora did not write is never used nor deleted (fsutil); incomplete checkpoints
     (a kill or a full disk mid-save) are skipped, said in one line, and removed."""
     from .checkpoints import last_complete_checkpoint
+    from .trainer import _rank
     from ..fsutil import check_writable_target, clean_stale_temps, remove_ours
 
     run_dir = recipe.run_dir
@@ -160,6 +172,7 @@ def train(recipe: str | os.PathLike | dict | Recipe, overrides: Sequence[str] | 
     is locked while training: a second `train` into it is refused in one line."""
     import contextlib
 
+    from .trainer import _rank
     from ..fsutil import dir_lock
 
     recipe = load_recipe(recipe, list(overrides) if isinstance(overrides, (list, tuple)) else overrides)
@@ -176,6 +189,8 @@ def _train(recipe: Recipe, overrides: Sequence[str] | dict | None = None, *,
     from ..accounting import count_parameters
     from ..merge.io import write_dir_atomically
     from ..models import load_model, load_tokenizer, record_base_model, resolve_model_path
+    from .trainer import (_callbacks, _rank, _trainer_class, _world_size, build_dataset, build_peft_config,
+                          total_optimizer_steps, training_arguments)
 
     recipe = load_recipe(recipe, list(overrides) if isinstance(overrides, (list, tuple)) else overrides)
     tb = recipe.output.tensorboard
