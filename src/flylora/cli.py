@@ -120,6 +120,7 @@ def _expected(e: BaseException) -> bool:
 _DEPRECATION_NOISE = (
     r"`is_gradient_checkpointing` is deprecated",
     r"`gradient_checkpointing_enable` is deprecated",
+    r"`gradient_checkpointing` is deprecated",  # TRL's SFTConfig sets the transformers-4 name
     r"`past_key_values` is deprecated",
     r"`torch\.jit\.script_method` is deprecated",
 )
