@@ -59,6 +59,9 @@ def test_bad_sweep_specs_are_one_line_errors(tmp_path):
         load_sweep({"experiment": ok, "lrs": [1e-3, 1e-2], "overrides": {"recipe.data.split.x": 1}})
     with pytest.raises(ValueError, match=r"sweep.final.merges: \['ties'\] are not among"):
         load_sweep({"experiment": ok, "lrs": [1e-3, 1e-2], "final": {"merges": ["ties"]}})
+    bad_only = dict(ok, methods={"fly": {}}, merges={"ru": {"method": "routed_union", "only": ["flyy"]}})
+    with pytest.raises(ValueError, match=r"sweep.experiment.merges.ru.only: unknown method labels \['flyy'\]"):
+        load_sweep({"experiment": bad_only, "lrs": [1e-3, 1e-2]})  # before any training, not after selection
     with pytest.raises(FileNotFoundError, match=r"sweep.compare"):
         load_sweep({"experiment": ok, "lrs": [1e-3, 1e-2], "compare": str(tmp_path / "none.json")})
 
@@ -85,7 +88,8 @@ def test_tiny_sweep_selects_on_validation_only(tmp_path, monkeypatch):
            "methods": {"fly": {"method.name": "flylora", "method.config": {"r": 8, "k": 2, "lora_alpha": 16}},
                        "lora": {"method.name": "lora", "method.config": {"r": 4, "lora_alpha": 8}}},
            "eval": {"limit": 4, "mode": "loglik", "batch_size": 8, "bf16_autocast": False},
-           "merges": {"weight_average": {"method": "weight_average"}}}
+           "merges": {"weight_average": {"method": "weight_average"},
+                      "routed_union": {"method": "routed_union", "only": ["fly"]}}}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
     sweep = {"name": "tiny", "experiment": "exp.yaml", "lrs": [1e-3, 5e-2], "select": {"seeds": [0], "limit": 3},
              "final": {"seeds": [0, 1], "limit": 4, "reference_lr": 1e-3}, "output_dir": str(tmp_path / "sweep")}
@@ -118,6 +122,9 @@ def test_tiny_sweep_selects_on_validation_only(tmp_path, monkeypatch):
         assert set(res["final"]["single"][m]["glue:sst2"]) == {"0", "1"}
         assert set(res["final"]["merged"][m]["weight_average"]["glue:sst2"]) == {"0", "1"}
         assert set(res["reference"]["single"][m]["glue:sst2"]) == {"0", "1"}
+    # `only: [fly]` follows the method to its lr labels: the routed union ran for FlyLoRA alone
+    assert set(res["final"]["merged"]["fly"]["routed_union"]["glue:sst2"]) == {"0", "1"}
+    assert "routed_union" not in res["final"]["merged"]["lora"]
     md = (out / "report.md").read_text()
     assert "## Validation" in md and "(own best lr)" in md and "(shared lr)" in md and "merged (weight_average)" in md
     assert "mean Δ (merged − single)" in md

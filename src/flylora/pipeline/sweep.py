@@ -124,6 +124,11 @@ def load_sweep(source: str | Path | dict, overrides: list[str] | dict | None = N
     unknown = sorted(set(spec.final.merges or []) - set(merges))
     if unknown:
         raise ValueError(f"sweep.final.merges: {unknown} are not among the experiment's merges {sorted(merges)}")
+    for mlabel, merge in merges.items():  # checked now, not after the selection stage has run
+        only = (merge or {}).get("only") if isinstance(merge, dict) else None
+        if only is not None and not set(only) <= set(exp.get("methods") or {}):
+            raise ValueError(f"sweep.experiment.merges.{mlabel}.only: unknown method labels "
+                             f"{sorted(set(only) - set(exp.get('methods') or {}))}")
     if spec.final.reference_lr is not None and spec.final.reference_lr <= 0:
         raise ValueError(f"sweep.final.reference_lr: must be > 0, got {spec.final.reference_lr!r}")
     if spec.compare and not Path(spec.compare).is_absolute() and not Path(spec.compare).is_file():
@@ -140,6 +145,17 @@ def _stage_spec(spec: SweepSpec, exp: dict, stage: str, methods: dict, seeds: li
     return apply_overrides(exp, {"name": f"{spec.name}-{stage}", "recipe.data.split": "carved-fit"}) | {
         "methods": methods, "seeds": seeds, "eval": ev, "merges": merges, "analysis": False,
         "output_dir": str(spec.out / stage), "train_dir": str(spec.out / "train")}
+
+
+def _relabel_only(merge: dict, lrs_of: dict[str, set[float]]) -> dict:
+    """The merge spec with `only: [method, ...]` rewritten to the stage's `method_lr…` labels."""
+    only = (merge or {}).get("only")
+    if only is None:
+        return merge
+    unknown = sorted(set(only) - set(lrs_of))
+    if unknown:
+        raise ValueError(f"sweep.experiment.merges.only: unknown method labels {unknown} (methods: {sorted(lrs_of)})")
+    return dict(merge, only=sorted(lr_label(m, lr) for m in only for lr in lrs_of[m]))
 
 
 def select_lr(scores: dict[float, float | None], lrs: list[float]) -> float:
@@ -186,6 +202,9 @@ def run_sweep(source: str | Path | dict, overrides: list[str] | dict | None = No
     ref_lr = spec.final.reference_lr
     if ref_lr is not None:  # after the chosen ones, so an interrupted sweep has those first
         chosen |= {lr_label(m, ref_lr): dict(o, **{"train.lr": ref_lr}) for m, o in methods.items()}
+    # a merge's `only:` names the experiment's method labels; the stage's labels carry the lr
+    lrs_of = {m: {best[m]} | ({ref_lr} if ref_lr is not None else set()) for m in methods}
+    merges = {k: _relabel_only(v, lrs_of) for k, v in merges.items()}
     t0 = time.monotonic()
     fin = run_experiment(_stage_spec(spec, exp, "final", chosen, spec.final.seeds, "carved-test",
                                      spec.final.limit, merges, bool((exp.get("eval") or {}).get("include_base", True))),
