@@ -51,9 +51,13 @@ def plot_lr_sweep(res: dict, path: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
     top[0][0].set_ylabel("carved-val score (ringed: chosen)", fontsize=8)
     top[0][0].legend(fontsize=7)
-    for ax in top[1][1:]:
-        ax.remove()
-    _test_bars(fig.add_subplot(2, 1, 2) if len(panels) > 1 else top[1][0], res, colours)
+    if len(panels) > 1:  # one wide bottom panel in place of the row's small ones
+        for ax in top[1]:
+            ax.remove()
+        bottom = fig.add_subplot(2, 1, 2)
+    else:
+        bottom = top[1][0]
+    _test_bars(bottom, res, colours)
     fig.suptitle(f"lr sweep: {res['name']} ({res['model']})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -92,5 +96,5 @@ def _test_bars(ax, res: dict, colours: dict) -> None:
         ax.set_ylim(max(0.0, min(heights) - 8), min(100.0, max(heights) + 4))
     ax.set_xticks(range(len(groups)), ["single task"] + [f"merged: {g}" for g in merges], fontsize=8)
     ax.set_ylabel(f"carved-test score, mean of {len(tasks)} task(s) and {len(fin['seeds'])} seed(s)", fontsize=8)
-    ax.legend(fontsize=6, ncol=2, loc="upper left", framealpha=0.9)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
     ax.grid(axis="y", alpha=0.3)
