@@ -7,6 +7,7 @@ The package is lazy, so that `flylora --help` does not pay for torch and PEFT (6
 machine): the names below are imported on first use, and the registration happens at once if
 PEFT is already imported, else the moment PEFT is (an import hook, `_lazy.register_with_peft`).
 """
+from ._lazy import lazy_attributes as _lazy_attributes
 from ._lazy import register_with_peft as _register_with_peft
 from .quantization import quiet_bitsandbytes as _quiet_bitsandbytes
 
@@ -14,17 +15,17 @@ _quiet_bitsandbytes()  # logging filters only (no import): PEFT imports bitsandb
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (imported on first attribute access)
+# public name -> submodule that defines it (imported on first attribute access)
 _EXPORTS = {
-    "RoutingBiasCallback": ".balance", "record_routing": ".balance", "routing_stats": ".balance",
-    "update_routing_bias": ".balance",
-    "FlyLoraLinear": ".layers.flylora",
-    "FlyLoraConfig": ".tuners", "FlyLoraModel": ".tuners",
-    "AdapterLoadError": ".loading", "load_adapter": ".loading",
+    "RoutingBiasCallback": "balance", "record_routing": "balance", "routing_stats": "balance",
+    "update_routing_bias": "balance",
+    "FlyLoraLinear": "layers.flylora",
+    "FlyLoraConfig": "tuners", "FlyLoraModel": "tuners",
+    "AdapterLoadError": "loading", "load_adapter": "loading",
     # sibling methods, the FlyLoRA paper's baselines, Riemannian optimizers and parameter accounting
-    "count_parameters": ".accounting",
-    "HydraLoraConfig": ".tuners", "LoraFaConfig": ".tuners", "MoeLoraConfig": ".tuners",
-    "SplitLoraConfig": ".tuners", "TopLoraConfig": ".tuners", "moe_aux_loss": ".tuners",
+    "count_parameters": "accounting",
+    "HydraLoraConfig": "tuners", "LoraFaConfig": "tuners", "MoeLoraConfig": "tuners",
+    "SplitLoraConfig": "tuners", "TopLoraConfig": "tuners", "moe_aux_loss": "tuners",
 }
 _SUBMODULES = ("optim",)
 
@@ -51,21 +52,6 @@ __all__ += [
 ]
 
 
-def __getattr__(name: str):
-    import importlib
-
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later accesses skip __getattr__
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
-
+__getattr__, __dir__ = _lazy_attributes(__name__, _EXPORTS, _SUBMODULES, globals())
 
 _register_with_peft()

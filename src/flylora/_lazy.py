@@ -65,3 +65,25 @@ def register_with_peft() -> None:
         _register()
     elif not any(isinstance(f, _PeftHook) for f in sys.meta_path):
         sys.meta_path.insert(0, _PeftHook())
+
+
+def lazy_attributes(package: str, exports: dict[str, str], submodules, namespace: dict):
+    """`(__getattr__, __dir__)` for a package whose public names are imported on first access
+    (PEP 562): `exports` maps a name to the submodule (relative to `package`, no leading dot) that
+    defines it; `submodules` are attributes that are submodules themselves. A resolved name is
+    stored in `namespace` (the package's globals()), so later accesses skip __getattr__."""
+
+    def __getattr__(name: str):
+        if name in exports:
+            value = getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        elif name in submodules:
+            value = importlib.import_module(f"{package}.{name}")
+        else:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return sorted(set(namespace) | set(namespace.get("__all__", ())))
+
+    return __getattr__, __dir__

@@ -3,6 +3,8 @@
 Knows nothing about training or data: a task adapter is {module_name: LowRankDelta(B, A, scale)}
 with ΔW = scale · B · A; merges are exact in ΔW space (FlyLoRA paper Eq. 12 and friends).
 """
+from flylora._lazy import lazy_attributes
+
 # public name -> the submodule that defines it, imported on first access (PEP 562), so that importing
 # a submodule (`flylora merge --help` imports flylora.merge.cli) does not import torch
 _EXPORTS = {
@@ -70,18 +72,4 @@ __all__ += [
 ]
 
 
-def __getattr__(name: str):
-    import importlib
-
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    elif name in set(_EXPORTS.values()):  # a submodule, as when this file imported them all
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later accesses skip __getattr__
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, set(_EXPORTS.values()), globals())
